@@ -1,0 +1,1 @@
+"""The decode role: reserves blocks, receives KV, decodes with continuous batching."""

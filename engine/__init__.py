@@ -1,0 +1,1 @@
+"""pdserve inference engine: config, model, paged KV cache, block pool, scheduler, sampler."""

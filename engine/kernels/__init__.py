@@ -1,0 +1,1 @@
+"""Triton kernels, one per file, each with its torch reference and a checked launcher."""

@@ -1,0 +1,1 @@
+"""Model implementations, looked up by the checkpoint's ``architectures``."""

@@ -1,0 +1,1 @@
+"""Moving KV blocks from prefill to decode workers: block byte layout, sender, receiver, transports."""

@@ -1,0 +1,1 @@
+"""Wire contracts (.proto) and their generated Python code."""
