@@ -14,7 +14,7 @@ class ScheduledSequence:
     request_id: str
     token_ids: list[int]  # tokens whose KV this step computes: a prefill chunk, or the last token
     start_position: int  # the request's num_computed_tokens before this step
-    block_ids: list[int]  # the request's whole block table, covering start_position + len(token_ids)
+    block_ids: list[int]  # the request's whole block table, covering all its computed tokens
     sample: bool  # True when this step reaches the last known token: the runner samples one
 
     @property
@@ -30,7 +30,7 @@ class SchedulerOutput:
     # Requests the runner has not seen, or sees again after preemption: it keeps per-request
     # sampling state (seeded generators) keyed by request_id until the request finishes.
     new_requests: list[Request] = field(default_factory=list)
-    # Finished, aborted or preempted since the last step: the runner drops their state.
+    # Finished or aborted since the last step: the runner drops their state.
     finished_request_ids: list[str] = field(default_factory=list)
     preempted_request_ids: list[str] = field(default_factory=list)
 
