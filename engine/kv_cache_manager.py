@@ -149,6 +149,14 @@ class KVCacheManager:
         self._block_hashes.pop(request.request_id, None)
         self._num_cached_blocks.pop(request.request_id, None)
 
+    def pin(self, block_ids: Sequence[int]) -> None:
+        """Hold an extra reference on blocks that something outside the scheduler still reads
+        (a KV transfer in flight), so that finishing their request cannot recycle them."""
+        self.block_pool.touch(block_ids)
+
+    def unpin(self, block_ids: Sequence[int]) -> None:
+        self.block_pool.free(reversed(block_ids))
+
     def _update_block_hashes(self, request: Request) -> list[int]:
         block_hashes = self._block_hashes.setdefault(request.request_id, [])
         if request.num_tokens // self.block_size > len(block_hashes):

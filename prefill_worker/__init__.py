@@ -1,1 +1,1 @@
-"""The prefill role: chunked prefill that streams each finished layer's KV blocks to a decode worker."""
+"""The prefill role: chunked prefill that streams each finished layer's KV to a decode worker."""

@@ -1,4 +1,4 @@
-"""Attention backends, chosen by name: ``torch`` (reference, CPU default), ``triton`` (CUDA default).
+"""Attention backends by name: ``torch`` (the reference, CPU default), ``triton`` (CUDA default).
 
 Backends are imported lazily so that a CPU-only install never imports Triton.
 """

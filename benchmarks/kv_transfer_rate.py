@@ -1,0 +1,235 @@
+"""KV transfer rate over gRPC on loopback, against a raw TCP socket moving the same bytes.
+
+The decode side runs in a child process (as it would on another worker), with its own KV
+cache; the prefill side sends every block of every layer of a real cache (``--total-mb`` of
+K/V) and the clock stops when the receiver has acknowledged the request as complete. The
+same run also times a raw TCP socket (one ``sendall`` of the packed bytes into ``recv_into``,
+no pack, checksum or framing: the loopback ceiling) and the in-process ``local`` transport
+(pack + checksum + scatter with no wire). Each is checked: the decode cache's CRC must equal
+the prefill cache's.
+
+    python -m benchmarks.kv_transfer_rate [--total-mb 256] [--out kv_transfer_rate.json]
+
+Default geometry: Llama-3-8B's KV (8 KV heads, head_dim 128, bf16, block_size 16: 64 KiB per
+block and layer), 8 layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import socket
+import sys
+import time
+import zlib
+from dataclasses import asdict
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from kv_transfer import KVLayout, KVTransferConfig, TransferTarget, get_transport
+from kv_transfer.layout import cache_layer_shape, gather_blocks, payload_bytes
+
+GB = 1e9
+
+
+def _caches(layout: KVLayout, num_blocks: int, fill: bool) -> list[torch.Tensor]:
+    shape = cache_layer_shape(layout, num_blocks)
+    make = torch.randn if fill else torch.zeros
+    return [make(shape).to(layout.torch_dtype) for _ in range(layout.num_layers)]
+
+
+def _cache_crc(caches: list[torch.Tensor], block_ids: list[int]) -> int:
+    crc, ids = 0, torch.tensor(block_ids)
+    for kv_layer in caches:
+        crc = zlib.crc32(payload_bytes(gather_blocks(kv_layer, ids)), crc)
+    return crc
+
+
+def _send_json(conn: Connection, message: dict[str, Any]) -> None:
+    conn.send_bytes(json.dumps(message).encode())
+
+
+def _recv_json(conn: Connection) -> dict[str, Any]:
+    return json.loads(conn.recv_bytes())
+
+
+def _grpc_receiver_main(conn: Connection, layout: dict[str, Any], num_blocks: int) -> None:
+    """Decode side: a gRPC receiver that reserves, waits and reports the CRC it holds."""
+    torch.set_num_threads(1)
+    caches = _caches(KVLayout(**layout), num_blocks, fill=False)
+    receiver = get_transport("grpc").create_receiver(
+        caches, KVTransferConfig(), address="127.0.0.1:0"
+    )
+    while (message := _recv_json(conn))["op"] != "close":
+        request_id = message["request_id"]
+        if message["op"] == "expect":
+            target = asdict(receiver.expect(request_id, message["block_ids"], lease_s=600.0))
+            _send_json(conn, target | {"metadata": target["metadata"].hex()})
+        else:  # "verify"
+            complete = receiver.wait_complete(request_id, timeout=60.0)
+            crc = _cache_crc(caches, message["block_ids"])
+            receiver.cancel(request_id)
+            _send_json(conn, {"complete": complete, "crc": crc})
+    receiver.close()
+
+
+def _tcp_receiver_main(conn: Connection, nbytes: int, repeats: int) -> None:
+    """A plain socket that reads ``nbytes`` into one buffer per repeat and answers one byte."""
+    buffer = bytearray(nbytes)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        _send_json(conn, {"port": server.getsockname()[1]})
+        peer, _ = server.accept()
+        with peer:
+            for _ in range(repeats):
+                view, received = memoryview(buffer), 0
+                while received < nbytes:
+                    received += peer.recv_into(view[received:])
+                peer.sendall(b"k")
+                _send_json(conn, {"crc": zlib.crc32(buffer)})
+
+
+def bench_grpc(layout: KVLayout, src: list[torch.Tensor], repeats: int) -> list[float]:
+    num_blocks = int(src[0].shape[1])
+    block_ids = list(range(num_blocks))
+    dst_ids = block_ids[::-1]  # other block ids on the decode side
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=_grpc_receiver_main, args=(child, asdict(layout), num_blocks))
+    process.start()
+    sender = get_transport("grpc").create_sender(src, KVTransferConfig())
+    expected_crc = _cache_crc(src, block_ids)
+    seconds = []
+    try:
+        for i in range(repeats + 1):  # the first round warms up the channel
+            request_id = f"bench-{i}"
+            _send_json(parent, {"op": "expect", "request_id": request_id, "block_ids": dst_ids})
+            fields = _recv_json(parent)
+            fields |= {"block_ids": tuple(fields["block_ids"])}
+            target = TransferTarget(**fields | {"metadata": bytes.fromhex(fields["metadata"])})
+            start = time.perf_counter()
+            sender.begin(target)
+            for layer in range(layout.num_layers):
+                sender.send_layer(request_id, layer, block_ids, dst_ids)
+            result = sender.flush(request_id).result(timeout=300)
+            elapsed = time.perf_counter() - start
+            _send_json(parent, {"op": "verify", "request_id": request_id, "block_ids": dst_ids})
+            verdict = _recv_json(parent)
+            if not (result.complete and verdict["complete"] and verdict["crc"] == expected_crc):
+                raise RuntimeError(f"gRPC transfer {i} did not land intact: {result}, {verdict}")
+            if i > 0:
+                seconds.append(elapsed)
+    finally:
+        sender.close()
+        _send_json(parent, {"op": "close"})
+        process.join(30)
+    return seconds
+
+
+def bench_tcp(layout: KVLayout, src: list[torch.Tensor], repeats: int) -> list[float]:
+    ids = torch.arange(src[0].shape[1])
+    payload = b"".join(bytes(payload_bytes(gather_blocks(kv_layer, ids))) for kv_layer in src)
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=_tcp_receiver_main, args=(child, len(payload), repeats + 1))
+    process.start()
+    seconds = []
+    with socket.create_connection(("127.0.0.1", _recv_json(parent)["port"])) as peer:
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            peer.sendall(payload)
+            if peer.recv(1) != b"k":
+                raise RuntimeError("TCP receiver did not acknowledge")
+            elapsed = time.perf_counter() - start
+            if _recv_json(parent)["crc"] != zlib.crc32(payload):
+                raise RuntimeError(f"TCP transfer {i} did not land intact")
+            if i > 0:
+                seconds.append(elapsed)
+    process.join(30)
+    return seconds
+
+
+def bench_local(layout: KVLayout, src: list[torch.Tensor], repeats: int) -> list[float]:
+    num_blocks = int(src[0].shape[1])
+    block_ids = list(range(num_blocks))
+    dst = _caches(layout, num_blocks, fill=False)
+    transport = get_transport("local")
+    receiver = transport.create_receiver(dst, KVTransferConfig())
+    sender = transport.create_sender(src, KVTransferConfig())
+    seconds = []
+    try:
+        for i in range(repeats + 1):
+            request_id = f"bench-{i}"
+            start = time.perf_counter()
+            sender.begin(receiver.expect(request_id, block_ids[::-1]))
+            for layer in range(layout.num_layers):
+                sender.send_layer(request_id, layer, block_ids, block_ids[::-1])
+            if not sender.flush(request_id).result(timeout=300).complete:
+                raise RuntimeError("local transfer did not complete")
+            elapsed = time.perf_counter() - start
+            receiver.cancel(request_id)
+            if i > 0:
+                seconds.append(elapsed)
+        if _cache_crc(dst, block_ids[::-1]) != _cache_crc(src, block_ids):
+            raise RuntimeError("local transfer did not land intact")
+    finally:
+        sender.close()
+        receiver.close()
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--total-mb", type=int, default=256, help="K/V bytes per transfer")
+    parser.add_argument("--num-layers", type=int, default=8)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--num-kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (after a warm-up)")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    layout = KVLayout(
+        args.num_layers, args.block_size, args.num_kv_heads, args.head_dim, args.dtype
+    )
+    per_layer = args.total_mb * 2**20 // args.num_layers
+    num_blocks = max(1, per_layer // layout.block_nbytes)
+    nbytes = num_blocks * layout.block_nbytes * layout.num_layers
+    src = _caches(layout, num_blocks, fill=True)
+    print(
+        f"{nbytes / 2**20:.0f} MiB per transfer: {layout.num_layers} layers x {num_blocks} blocks "
+        f"x {layout.block_nbytes} B ({layout.signature}); {os.cpu_count()} CPUs"
+    )
+
+    results: dict[str, Any] = {}
+    for name, bench in (("grpc", bench_grpc), ("tcp", bench_tcp), ("local", bench_local)):
+        seconds = bench(layout, src, args.repeats)
+        best = min(seconds)
+        results[name] = {"seconds": seconds, "best_gbs": nbytes / best / GB}
+        print(f"  {name:>5}: {nbytes / best / GB:6.2f} GB/s best, {seconds=}")
+    ratio = results["grpc"]["best_gbs"] / results["tcp"]["best_gbs"]
+    print(f"  gRPC / raw TCP = {ratio:.2f}")
+
+    if args.out:
+        report = {
+            "bytes_per_transfer": nbytes,
+            "layout": asdict(layout),
+            "num_blocks_per_layer": num_blocks,
+            "chunk_bytes": KVTransferConfig().chunk_bytes,
+            "results": results,
+            "grpc_over_tcp": ratio,
+            "host": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+            | {"machine": platform.machine(), "torch": torch.__version__},
+        }
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Offline generation throughput: pdserve's engine beside Hugging Face ``generate``, one run.
+
+For each model (the built-in ``pdserve-tiny`` and a dummy-weight ~100M-parameter Llama), runs
+N prompts of ``--input-len`` random tokens, generating exactly ``--output-len`` tokens each
+(greedy, EOS ignored), through ``engine.llm.LLM`` and through transformers' batched
+``generate`` (left-padded, KV cache on), and prints and writes tokens/s for both.
+
+    python benchmarks/offline_throughput.py --num-prompts 32 --input-len 128 --output-len 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.llm import LLM
+from engine.loader import resolve_model_path
+from engine.sampling_params import SamplingParams
+
+DUMMY_100M_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 768,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 4,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "float32",
+}
+
+
+def _prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab_size) for _ in range(input_len)] for _ in range(num_prompts)]
+
+
+def bench_pdserve(model: str, prompts: list[list[int]], output_len: int, **engine_kwargs) -> dict:
+    llm = LLM(model=model, skip_tokenizer_init=True, **engine_kwargs)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": prompts[0][:8]}], SamplingParams(max_tokens=2))  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    elapsed = time.perf_counter() - start
+    num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return _figures(elapsed, sum(map(len, prompts)), num_out, len(prompts))
+
+
+def bench_hf(model_path: Path, prompts: list[list[int]], output_len: int, batch_size: int) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    if (model_path / "model.safetensors").exists() or (
+        model_path / "model.safetensors.index.json"
+    ).exists():
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    pad_id = 0
+    start = time.perf_counter()
+    num_out = 0
+    with torch.inference_mode():
+        for i in range(0, len(prompts), batch_size):
+            batch = prompts[i : i + batch_size]
+            width = max(map(len, batch))
+            input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=output_len,
+                min_new_tokens=output_len,
+                do_sample=False,
+                pad_token_id=pad_id,
+            )
+            num_out += (out.shape[1] - width) * len(batch)
+    elapsed = time.perf_counter() - start
+    return _figures(elapsed, sum(map(len, prompts)), num_out, len(prompts))
+
+
+def _figures(elapsed: float, num_in: int, num_out: int, num_requests: int) -> dict[str, float]:
+    return {
+        "elapsed_s": round(elapsed, 3),
+        "requests_per_s": round(num_requests / elapsed, 3),
+        "output_tokens_per_s": round(num_out / elapsed, 1),
+        "total_tokens_per_s": round((num_in + num_out) / elapsed, 1),
+        "num_output_tokens": num_out,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--hf-batch-size", type=int, default=32)
+    parser.add_argument("--models", default="tiny,dummy-100m")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/offline_throughput.json")
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+
+    results: dict[str, Any] = {
+        "workload": vars(args),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
+        "models": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            if name == "tiny":
+                model, path = "pdserve-tiny", resolve_model_path("pdserve-tiny")
+                load_format = "auto"
+            elif name == "dummy-100m":
+                path = Path(tmp) / "dummy-100m"
+                path.mkdir()
+                (path / "config.json").write_text(json.dumps(DUMMY_100M_CONFIG))
+                model, load_format = str(path), "dummy"
+            else:
+                raise SystemExit(f"unknown model {name!r}: use tiny and/or dummy-100m")
+            vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+            prompts = _prompts(args.num_prompts, args.input_len, vocab, args.seed)
+            row = {
+                "pdserve": bench_pdserve(
+                    model, prompts, args.output_len, load_format=load_format, dtype="float32"
+                )
+            }
+            if not args.skip_hf:
+                row["hf_generate"] = bench_hf(path, prompts, args.output_len, args.hf_batch_size)
+                row["speedup_vs_hf"] = round(
+                    row["pdserve"]["output_tokens_per_s"]
+                    / row["hf_generate"]["output_tokens_per_s"],
+                    2,
+                )
+            results["models"][name] = row
+            print(f"{name}: {json.dumps(row)}")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\n{'model':<12} {'engine':<12} {'out tok/s':>10} {'total tok/s':>12} {'time s':>8}")
+    for name, row in results["models"].items():
+        for engine_name in ("pdserve", "hf_generate"):
+            if engine_name in row:
+                f = row[engine_name]
+                print(
+                    f"{name:<12} {engine_name:<12} {f['output_tokens_per_s']:>10} "
+                    f"{f['total_tokens_per_s']:>12} {f['elapsed_s']:>8}"
+                )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The model runner: the only code that owns device tensors.
+
+It loads the model, sizes and allocates the paged KV cache, and executes one
+``SchedulerOutput`` at a time: flatten the scheduled sequences into one batch (decodes first,
+then prefill chunks), build the ``AttentionMetadata``, run the model, and sample one token for
+every sequence whose step reaches its last known token.
+
+Per-request state it keeps between steps: the ``Request`` (read-only: token history for
+penalties) and a seeded ``torch.Generator`` when the request has a seed. Both are dropped when
+the scheduler reports the request finished or preempted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import AttentionMetadata, get_attention_backend
+from engine.config import EngineConfig
+from engine.kv_cache import allocate_kv_caches, num_blocks_for_budget
+from engine.loader import TORCH_DTYPES, load_model, resolve_model_path
+from engine.request import Request
+from engine.sampler import Sampler, build_sampling_metadata, make_generator
+from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    metadata: AttentionMetadata
+    sample_indices: torch.Tensor  # [num_sampled] rows of the hidden states to sample from
+    sampled_request_ids: list[str]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.parallel.device)
+        self.dtype = TORCH_DTYPES[config.model.dtype]
+        self.block_size = config.cache.block_size
+        self.attention_backend = get_attention_backend(
+            config.parallel.attention_backend, self.device.type
+        )
+        self.model_path = resolve_model_path(config.model.model)
+        self.model, self.hf_config = load_model(config.model, self.attention_backend, self.device)
+        self.geometry = self.model.args
+        self.num_blocks = num_blocks_for_budget(
+            cache_config=config.cache,
+            num_layers=self.geometry.num_layers,
+            num_kv_heads=self.geometry.num_kv_heads,
+            head_dim=self.geometry.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.kv_caches = allocate_kv_caches(
+            num_layers=self.geometry.num_layers,
+            num_blocks=self.num_blocks,
+            block_size=self.block_size,
+            num_kv_heads=self.geometry.num_kv_heads,
+            head_dim=self.geometry.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        logger.info(
+            "model loaded on %s (%s, attention=%s); KV cache: %d blocks of %d tokens",
+            self.device,
+            config.model.dtype,
+            self.attention_backend.name,
+            self.num_blocks,
+            self.block_size,
+        )
+        self.sampler = Sampler()
+        self._requests: dict[str, Request] = {}
+        self._generators: dict[str, torch.Generator] = {}
+
+    # -- per-request state -------------------------------------------------------------
+
+    def _update_states(self, scheduler_output: SchedulerOutput) -> None:
+        for request_id in scheduler_output.finished_request_ids:
+            self._requests.pop(request_id, None)
+            self._generators.pop(request_id, None)
+        # A preempted request keeps its generator: recomputing its KV draws nothing, so its
+        # next sample continues the same random stream as if it had never been preempted.
+        for request_id in scheduler_output.preempted_request_ids:
+            self._requests.pop(request_id, None)
+        for request in scheduler_output.new_requests:
+            self._requests[request.request_id] = request
+            seed = request.sampling_params.seed
+            if seed is not None and request.request_id not in self._generators:
+                self._generators[request.request_id] = make_generator(seed, self.device)
+
+    # -- inputs ------------------------------------------------------------------------
+
+    def prepare_inputs(self, scheduler_output: SchedulerOutput) -> StepInputs:
+        block_size = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        block_tables: list[list[int]] = []
+        sample_indices: list[int] = []
+        sampled_request_ids: list[str] = []
+        num_decodes = 0
+        for seq in scheduler_output.sequences:
+            start = seq.start_position
+            end = start + seq.num_tokens
+            input_ids.extend(seq.token_ids)
+            positions.extend(range(start, end))
+            block_ids = seq.block_ids
+            slot_mapping.extend(
+                block_ids[pos // block_size] * block_size + pos % block_size
+                for pos in range(start, end)
+            )
+            query_start_loc.append(query_start_loc[-1] + seq.num_tokens)
+            seq_lens.append(end)
+            block_tables.append(block_ids)
+            if seq.sample:
+                sample_indices.append(query_start_loc[-1] - 1)
+                sampled_request_ids.append(seq.request_id)
+            if seq.num_tokens == 1 and num_decodes == len(seq_lens) - 1:
+                num_decodes += 1
+        max_blocks = max((len(t) for t in block_tables), default=0)
+        table = torch.zeros((len(block_tables), max(max_blocks, 1)), dtype=torch.int32)
+        for row, block_ids in enumerate(block_tables):
+            table[row, : len(block_ids)] = torch.tensor(block_ids, dtype=torch.int32)
+        device = self.device
+        metadata = AttentionMetadata(
+            num_decodes=num_decodes,
+            num_decode_tokens=num_decodes,
+            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_tables=table.to(device),
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+            max_query_len=max((b - a for a, b in itertools.pairwise(query_start_loc)), default=0),
+            max_seq_len=max(seq_lens, default=0),
+            query_start_loc_cpu=query_start_loc,
+            seq_lens_cpu=seq_lens,
+        )
+        return StepInputs(
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            metadata=metadata,
+            sample_indices=torch.tensor(sample_indices, dtype=torch.long, device=device),
+            sampled_request_ids=sampled_request_ids,
+        )
+
+    # -- execution ---------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(
+        self,
+        scheduler_output: SchedulerOutput,
+        layer_callback: Callable[[int], None] | None = None,
+    ) -> ModelRunnerOutput:
+        """Run one step. ``layer_callback(layer)`` fires once a layer's K/V are in the cache."""
+        self._update_states(scheduler_output)
+        if scheduler_output.is_empty:
+            return ModelRunnerOutput(sampled_token_ids={})
+        inputs = self.prepare_inputs(scheduler_output)
+        hidden_states = self.model(
+            inputs.input_ids,
+            inputs.positions,
+            self.kv_caches,
+            inputs.metadata,
+            layer_callback=layer_callback,
+        )
+        if not inputs.sampled_request_ids:
+            return ModelRunnerOutput(sampled_token_ids={})
+        logits = self.model.compute_logits(hidden_states[inputs.sample_indices])
+        requests = [self._requests[rid] for rid in inputs.sampled_request_ids]
+        sampling_metadata = build_sampling_metadata(requests, self._generators, self.device)
+        sampled = self.sampler(logits, sampling_metadata)
+        token_ids = dict(zip(inputs.sampled_request_ids, sampled.token_ids))
+        logprobs = {}
+        if sampled.logprobs is not None:
+            logprobs = {
+                rid: lp
+                for rid, lp in zip(inputs.sampled_request_ids, sampled.logprobs)
+                if lp is not None
+            }
+        return ModelRunnerOutput(sampled_token_ids=token_ids, logprobs=logprobs)

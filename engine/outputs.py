@@ -1,0 +1,48 @@
+"""What the engine returns: per-step deltas (online serving) and finished outputs (offline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.request import FinishReason
+from engine.scheduler_output import TokenLogprobs
+
+
+@dataclass(frozen=True)
+class RequestDelta:
+    """New tokens of one request from one engine step. Set by ``LLMEngine.step``."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None  # one per new token when logprobs were asked for
+    finish_reason: FinishReason | None  # set on the request's last delta
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class CompletionOutput:
+    """One finished sequence, as in vLLM."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    logprobs: list[TokenLogprobs] | None = None
+
+
+@dataclass
+class RequestOutput:
+    """One finished prompt with its ``n`` completions, as returned by ``LLM.generate``."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    finished: bool = True

@@ -1,0 +1,271 @@
+"""The sampler: from one step's logits to one token per sequence (and its logprobs).
+
+Order of operations, per row:
+
+1. logprobs, when asked, are ``log_softmax`` of the RAW logits (before anything below);
+2. ``min_tokens``: while fewer tokens have been generated, EOS (unless ``ignore_eos``) and
+   ``stop_token_ids`` are masked to ``-inf``;
+3. penalties: repetition (vLLM/HF: over prompt and generated tokens, positive logits divided
+   by the penalty, negative ones multiplied), then frequency and presence (OpenAI: over
+   generated tokens, ``logit -= frequency * count + presence * (count > 0)``);
+4. greedy rows (``temperature == 0``) take the argmax here;
+5. other rows: divide by the temperature, then top-k, top-p, min-p (Hugging Face's order),
+   then draw. A request with a seed draws only from its own ``torch.Generator`` (one fixed
+   number of draws per step), so its tokens do not depend on its batch companions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.request import Request
+from engine.scheduler_output import TokenLogprobs
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The per-request generator for a request with ``SamplingParams.seed``."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+@dataclass
+class PenaltyInputs:
+    """Present only when some row of the step has a non-neutral penalty."""
+
+    presence: torch.Tensor  # [num_seqs] float32
+    frequency: torch.Tensor  # [num_seqs] float32
+    repetition: torch.Tensor  # [num_seqs] float32
+    prompt_token_ids: list[list[int]]
+    output_token_ids: list[list[int]]
+
+
+@dataclass
+class SamplingMetadata:
+    """One step's sampling inputs, one row per sequence being sampled."""
+
+    temperature: torch.Tensor  # [num_seqs] float32; 1.0 on greedy rows (unused there)
+    greedy: torch.Tensor  # [num_seqs] bool
+    all_greedy: bool
+    top_k: torch.Tensor | None  # [num_seqs] int64, <= 0 disables; None: no row uses it
+    top_p: torch.Tensor | None  # [num_seqs] float32, 1.0 disables
+    min_p: torch.Tensor | None  # [num_seqs] float32, 0.0 disables
+    generators: list[torch.Generator | None]  # per row: its own generator, or the global RNG
+    penalties: PenaltyInputs | None
+    # min_tokens: row -> token ids masked this step.
+    banned_token_ids: dict[int, list[int]]
+    num_logprobs: list[int | None]  # per row: None, or N (top-N alternatives)
+
+    @property
+    def max_num_logprobs(self) -> int | None:
+        wanted = [n for n in self.num_logprobs if n is not None]
+        return max(wanted) if wanted else None
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # None when no row asked; otherwise one entry per row, None for rows that did not ask.
+    logprobs: list[TokenLogprobs | None] | None
+
+
+def _banned_token_ids(request: Request) -> list[int]:
+    params = request.sampling_params
+    if request.num_output_tokens >= params.min_tokens:
+        return []
+    banned = set(params.stop_token_ids)
+    if request.eos_token_id is not None and not params.ignore_eos:
+        banned.add(request.eos_token_id)
+    return sorted(banned)
+
+
+def build_sampling_metadata(
+    requests: list[Request],
+    generators: dict[str, torch.Generator],
+    device: torch.device,
+) -> SamplingMetadata:
+    """Rows follow ``requests``; ``generators`` holds the seeded requests' generators."""
+    params = [r.sampling_params for r in requests]
+
+    def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    greedy = [p.greedy for p in params]
+    use_penalties = any(
+        p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
+        for p in params
+    )
+    banned = {row: ids for row, r in enumerate(requests) if (ids := _banned_token_ids(r))}
+    penalties = None
+    if use_penalties:
+        penalties = PenaltyInputs(
+            presence=column([p.presence_penalty for p in params]),
+            frequency=column([p.frequency_penalty for p in params]),
+            repetition=column([p.repetition_penalty for p in params]),
+            prompt_token_ids=[r.prompt_token_ids for r in requests],
+            output_token_ids=[r.output_token_ids for r in requests],
+        )
+    return SamplingMetadata(
+        temperature=column([1.0 if p.greedy else p.temperature for p in params]),
+        greedy=column(greedy, torch.bool),
+        all_greedy=all(greedy),
+        top_k=column([p.top_k for p in params], torch.int64)
+        if any(p.top_k > 0 for p in params)
+        else None,
+        top_p=column([p.top_p for p in params]) if any(p.top_p < 1.0 for p in params) else None,
+        min_p=column([p.min_p for p in params]) if any(p.min_p > 0.0 for p in params) else None,
+        generators=[generators.get(r.request_id) for r in requests],
+        penalties=penalties,
+        banned_token_ids=banned,
+        num_logprobs=[p.logprobs for p in params],
+    )
+
+
+# -- logits processing (each a pure function, tested on hand-made numbers) --------------------
+
+
+def token_counts(
+    token_ids: list[list[int]], vocab_size: int, device: torch.device
+) -> torch.Tensor:  # [num_seqs, vocab_size] int32: how often each token occurs in each row
+    max_len = max((len(ids) for ids in token_ids), default=0)
+    padded = torch.full((len(token_ids), max_len), vocab_size, dtype=torch.int64)
+    for row, ids in enumerate(token_ids):
+        padded[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+    padded = padded.to(device)  # padding points at an extra column, dropped below
+    counts = torch.zeros((len(token_ids), vocab_size + 1), dtype=torch.int32, device=device)
+    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.int32))
+    return counts[:, :vocab_size]
+
+
+def apply_penalties(
+    logits: torch.Tensor,  # [num_seqs, vocab_size] float32
+    prompt_counts: torch.Tensor,  # [num_seqs, vocab_size] int
+    output_counts: torch.Tensor,  # [num_seqs, vocab_size] int
+    presence_penalties: torch.Tensor,  # [num_seqs]
+    frequency_penalties: torch.Tensor,  # [num_seqs]
+    repetition_penalties: torch.Tensor,  # [num_seqs]
+) -> torch.Tensor:  # [num_seqs, vocab_size] float32
+    seen = (prompt_counts > 0) | (output_counts > 0)
+    repetition = repetition_penalties[:, None]
+    repeated = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(seen, repeated, logits)
+    logits = logits - frequency_penalties[:, None] * output_counts
+    return logits - presence_penalties[:, None] * (output_counts > 0)
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor,  # [num_seqs, vocab_size] float32 (temperature applied)
+    top_k: torch.Tensor | None,  # [num_seqs] int64, <= 0 disables
+    top_p: torch.Tensor | None,  # [num_seqs] float32, 1.0 disables
+) -> torch.Tensor:  # [num_seqs, vocab_size], masked entries -inf
+    if top_k is None and top_p is None:
+        return logits
+    vocab_size = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    if top_k is not None:
+        k = torch.where(top_k <= 0, vocab_size, top_k.clamp(max=vocab_size))
+        kth_largest = sorted_logits.gather(1, (vocab_size - k).unsqueeze(1))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, float("-inf"))
+    if top_p is not None:
+        # Drop the least likely tokens while their total stays <= 1 - top_p; keep the best one.
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1.0 - top_p).unsqueeze(1)
+        drop[:, -1] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return sorted_logits.scatter(1, order, sorted_logits)
+
+
+def apply_min_p(
+    logits: torch.Tensor,  # [num_seqs, vocab_size] float32
+    min_p: torch.Tensor,  # [num_seqs] float32, 0.0 disables
+) -> torch.Tensor:  # [num_seqs, vocab_size], masked entries -inf
+    probs = logits.softmax(dim=-1)
+    threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def _draw(
+    probs: torch.Tensor,  # [num_seqs, vocab_size]
+    generators: list[torch.Generator | None],
+) -> torch.Tensor:  # [num_seqs] int64
+    # The exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i.
+    noise = torch.empty_like(probs)
+    if any(g is None for g in generators):
+        noise.exponential_()
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            noise[row].exponential_(generator=generator)
+    # A zero draw would turn a masked token's 0/0 into NaN, which argmax would pick.
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    return (probs / noise).argmax(dim=-1)
+
+
+class Sampler:
+    def __call__(
+        self,
+        logits: torch.Tensor,  # [num_seqs, vocab_size] float32
+        metadata: SamplingMetadata,
+    ) -> SamplerOutput:
+        assert logits.shape[0] == len(metadata.generators), "one row of logits per sequence"
+        wants_logprobs = metadata.max_num_logprobs is not None
+        raw_logprobs = logits.log_softmax(dim=-1) if wants_logprobs else None
+        logits = self._process(logits, metadata)
+        token_ids = logits.argmax(dim=-1)
+        if not metadata.all_greedy:
+            logits = logits / metadata.temperature.unsqueeze(1)
+            logits = apply_top_k_top_p(logits, metadata.top_k, metadata.top_p)
+            if metadata.min_p is not None:
+                logits = apply_min_p(logits, metadata.min_p)
+            sampled = _draw(logits.softmax(dim=-1), metadata.generators)
+            token_ids = torch.where(metadata.greedy, token_ids, sampled)
+        token_id_list = token_ids.tolist()
+        logprobs = None
+        if raw_logprobs is not None:
+            logprobs = _gather_logprobs(
+                raw_logprobs, token_ids, token_id_list, metadata.num_logprobs
+            )
+        return SamplerOutput(token_ids=token_id_list, logprobs=logprobs)
+
+    @staticmethod
+    def _process(
+        logits: torch.Tensor,  # [num_seqs, vocab_size] float32
+        metadata: SamplingMetadata,
+    ) -> torch.Tensor:  # [num_seqs, vocab_size] float32
+        if metadata.banned_token_ids:
+            logits = logits.clone()
+            for row, ids in metadata.banned_token_ids.items():
+                logits[row, ids] = float("-inf")
+        penalties = metadata.penalties
+        if penalties is not None:
+            vocab_size, device = logits.shape[1], logits.device
+            logits = apply_penalties(
+                logits,
+                token_counts(penalties.prompt_token_ids, vocab_size, device),
+                token_counts(penalties.output_token_ids, vocab_size, device),
+                penalties.presence,
+                penalties.frequency,
+                penalties.repetition,
+            )
+        return logits
+
+
+def _gather_logprobs(
+    raw_logprobs: torch.Tensor,  # [num_seqs, vocab_size] float32
+    token_ids: torch.Tensor,  # [num_seqs] int64
+    token_id_list: list[int],
+    num_logprobs: list[int | None],
+) -> list[TokenLogprobs | None]:
+    max_n = max(n for n in num_logprobs if n is not None)
+    sampled = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
+    top_values, top_ids = raw_logprobs.topk(max_n, dim=-1)  # sorted, largest first
+    top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
+    out: list[TokenLogprobs | None] = []
+    for row, n in enumerate(num_logprobs):
+        if n is None:
+            out.append(None)
+            continue
+        top = dict(zip(top_ids_list[row][:n], top_values_list[row][:n], strict=True))
+        out.append(
+            TokenLogprobs(token_id=token_id_list[row], logprob=sampled[row], top_logprobs=top)
+        )
+    return out

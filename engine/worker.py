@@ -1,0 +1,112 @@
+"""What both worker roles share: an engine on its loop thread, its stats, health and abort.
+
+``prefill_worker.PrefillWorker`` and ``decode_worker.DecodeWorker`` extend ``EngineWorker``
+with their role. A worker is a plain object (tests run it in-process); a Ray actor is a thin
+wrapper around one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.scheduler_output import SchedulerOutput
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """A snapshot for the router's policy and metrics. Set by the worker."""
+
+    worker_id: str
+    role: str  # "prefill" | "decode"
+    num_waiting: int
+    num_running: int
+    num_reserved: int  # decode: requests whose KV is still arriving
+    num_total_blocks: int
+    num_free_blocks: int
+    prefix_cache_queries: int  # tokens
+    prefix_cache_hits: int  # tokens
+    num_preemptions: int
+    block_size: int
+    uptime_s: float
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """Static facts the router needs from a worker, fetched once at start."""
+
+    worker_id: str
+    role: str
+    model: str
+    model_path: str
+    max_model_len: int
+    block_size: int
+    vocab_size: int
+
+
+class EngineWorker:
+    role = "engine"
+
+    def __init__(self, worker_id: str, engine_config: EngineConfig) -> None:
+        self.worker_id = worker_id
+        self.engine = LLMEngine(engine_config)
+        self.block_size = engine_config.cache.block_size
+        self._started = time.monotonic()
+        # Roles start the loop at the end of their own __init__, once their hooks can run.
+        self.loop = AsyncEngine(self.engine, on_layer=self._on_layer, on_step=self._on_step)
+
+    # Hooks for the roles; both run on the loop thread.
+    def _on_layer(self, step: SchedulerOutput, layer: int) -> None:
+        pass
+
+    def _on_step(self, engine: LLMEngine) -> None:
+        pass
+
+    async def run(self, fn):
+        """Run ``fn(engine)`` on the loop thread and await its result."""
+        return await asyncio.wrap_future(self.loop.call(fn))
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            role=self.role,
+            model=self.engine.config.model.model,
+            model_path=str(self.engine.runner.model_path),
+            max_model_len=self.engine.max_model_len,
+            block_size=self.block_size,
+            vocab_size=self.engine.runner.geometry.vocab_size,
+        )
+
+    async def stats(self) -> WorkerStats:
+        s = await self.run(lambda e: e.stats())
+        return WorkerStats(
+            worker_id=self.worker_id,
+            role=self.role,
+            num_waiting=s.num_waiting,
+            num_running=s.num_running,
+            num_reserved=s.num_reserved,
+            num_total_blocks=s.num_total_blocks,
+            num_free_blocks=s.num_free_blocks,
+            prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits,
+            num_preemptions=s.num_preemptions,
+            block_size=self.block_size,
+            uptime_s=time.monotonic() - self._started,
+        )
+
+    async def check_health(self) -> bool:
+        """True when the loop thread is alive and answers; raises its error when it died."""
+        if self.loop.error is not None:
+            raise RuntimeError(f"engine loop died: {self.loop.error!r}")
+        await asyncio.wait_for(self.run(lambda e: None), timeout=30)
+        return True
+
+    async def abort(self, request_id: str) -> None:
+        await self.loop.abort(request_id)
+
+    def shutdown(self) -> None:
+        self.loop.shutdown()

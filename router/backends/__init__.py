@@ -1,0 +1,1 @@
+"""Serving backends: the cluster of prefill and decode workers behind the HTTP layer."""

@@ -1,0 +1,206 @@
+"""The cluster manager: creates, health-checks and replaces the prefill and decode workers.
+
+Two modes, one interface (``prefill`` / ``decode`` lists of ``WorkerHandle``):
+
+- **Ray** (default): starts local Ray, or attaches to ``--address``, and creates each worker
+  as an actor placed by role: ``--prefill-resources`` / ``--decode-resources`` (Ray custom
+  resources, e.g. ``{"prefill_node": 1}``) and ``--prefill-accelerator-type`` /
+  ``--decode-accelerator-type`` put prefill actors on compute-heavy nodes and decode actors
+  on bandwidth-heavy ones. The KV travels between them over gRPC (or NIXL later).
+- **In-process** (``--transport local``, or ``in_process=True``): the workers are objects in
+  this process; with the ``local`` transport the KV is copied tensor to tensor.
+
+``--colocated`` starts decode workers only: each prefills and decodes its own requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from decode_worker.worker import DecodeWorker
+from engine.config import EngineConfig
+from kv_transfer.base import KVTransferConfig
+from prefill_worker.worker import PrefillWorker
+from router.backends.handles import InProcessHandle, RayHandle, WorkerHandle
+
+logger = logging.getLogger(__name__)
+
+
+def parse_resources(text: str | None) -> dict[str, float]:
+    """``'{"prefill_node": 1}'`` or ``prefill_node=1,ssd=2`` -> a Ray resources dict."""
+    if not text:
+        return {}
+    text = text.strip()
+    if text.startswith("{"):
+        value = json.loads(text)
+    else:
+        value = {}
+        for item in text.split(","):
+            name, _, amount = item.partition("=")
+            value[name.strip()] = float(amount or 1)
+    if not all(isinstance(v, (int, float)) and v > 0 for v in value.values()):
+        raise ValueError(f"resources must map names to positive amounts, got {text!r}")
+    return {str(k): float(v) for k, v in value.items()}
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Which workers to run and where (CLI flags of the same names)."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
+    num_prefill: int = 1
+    num_decode: int = 1
+    colocated: bool = False
+    in_process: bool = False  # implied by the local transport
+    address: str | None = None  # an existing Ray cluster; None starts local Ray
+    prefill_resources: dict[str, float] = field(default_factory=dict)
+    decode_resources: dict[str, float] = field(default_factory=dict)
+    prefill_accelerator_type: str | None = None
+    decode_accelerator_type: str | None = None
+    num_gpus_per_worker: float = 0.0
+    kv_host: str = "127.0.0.1"  # where decode workers accept KV; 0.0.0.0 across nodes
+    startup_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.num_decode < 1:
+            raise ValueError(f"num_decode must be at least 1, got {self.num_decode}")
+        if self.num_prefill < 0 or (self.num_prefill == 0 and not self.colocated):
+            raise ValueError(
+                f"num_prefill must be at least 1 (or use --colocated), got {self.num_prefill}"
+            )
+        if self.num_gpus_per_worker < 0:
+            raise ValueError(f"num_gpus_per_worker must be >= 0, got {self.num_gpus_per_worker}")
+
+    @property
+    def runs_in_process(self) -> bool:
+        return self.in_process or self.kv_transfer.transport == "local"
+
+    @property
+    def effective_num_prefill(self) -> int:
+        return 0 if self.colocated else self.num_prefill
+
+
+class Cluster:
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.prefill: list[WorkerHandle] = []
+        self.decode: list[WorkerHandle] = []
+        self._started_ray = False
+
+    def worker(self, worker_id: str) -> WorkerHandle:
+        for handle in self.prefill + self.decode:
+            if handle.worker_id == worker_id:
+                return handle
+        raise KeyError(f"no worker {worker_id!r}")
+
+    # -- start / stop ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if not self.config.runs_in_process:
+            self._init_ray()
+        specs = [("prefill", f"prefill-{i}") for i in range(self.config.effective_num_prefill)]
+        specs += [("decode", f"decode-{i}") for i in range(self.config.num_decode)]
+        handles = await asyncio.gather(*(self._create(role, wid) for role, wid in specs))
+        self.prefill = [h for h in handles if h.role == "prefill"]
+        self.decode = [h for h in handles if h.role == "decode"]
+        logger.info(
+            "cluster up: %d prefill, %d decode workers (%s)",
+            len(self.prefill),
+            len(self.decode),
+            "in-process" if self.config.runs_in_process else "ray",
+        )
+
+    async def shutdown(self) -> None:
+        for handle in self.prefill + self.decode:
+            try:
+                handle.shutdown()
+            except Exception as error:
+                logger.warning("shutting down %s failed: %s", handle.worker_id, error)
+        self.prefill, self.decode = [], []
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()
+            self._started_ray = False
+
+    def _init_ray(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        if self.config.address:
+            ray.init(address=self.config.address, log_to_driver=True)
+        else:
+            ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        self._started_ray = True
+
+    async def _create(self, role: str, worker_id: str) -> WorkerHandle:
+        config = self.config
+        if config.runs_in_process:
+            worker = await asyncio.to_thread(self._make_worker, role, worker_id)
+            return InProcessHandle(worker)
+        import ray
+
+        options: dict[str, Any] = {
+            "num_cpus": 0,
+            "num_gpus": config.num_gpus_per_worker,
+            "resources": config.prefill_resources if role == "prefill" else config.decode_resources,
+            "max_concurrency": 1000,
+        }
+        accelerator = (
+            config.prefill_accelerator_type if role == "prefill" else config.decode_accelerator_type
+        )
+        if accelerator:
+            options["accelerator_type"] = accelerator
+        cls = PrefillWorker if role == "prefill" else DecodeWorker
+        actor = ray.remote(cls).options(**options).remote(*self._worker_args(role, worker_id))
+        handle = RayHandle(actor, worker_id, role)
+        await asyncio.wait_for(handle.call("check_health"), config.startup_timeout_s)
+        return handle
+
+    def _worker_args(self, role: str, worker_id: str) -> tuple:
+        config = self.config
+        if role == "prefill":
+            return (worker_id, config.engine, config.kv_transfer)
+        return (worker_id, config.engine, config.kv_transfer, config.kv_host)
+
+    def _make_worker(self, role: str, worker_id: str) -> PrefillWorker | DecodeWorker:
+        cls = PrefillWorker if role == "prefill" else DecodeWorker
+        return cls(*self._worker_args(role, worker_id))
+
+    # -- health ------------------------------------------------------------------------
+
+    async def health(self, timeout_s: float = 10.0) -> dict[str, bool]:
+        handles = self.prefill + self.decode
+
+        async def probe(handle: WorkerHandle) -> bool:
+            try:
+                return bool(await asyncio.wait_for(handle.call("check_health"), timeout_s))
+            except Exception as error:
+                logger.warning("%s failed its health check: %s", handle.worker_id, error)
+                return False
+
+        results = await asyncio.gather(*(probe(h) for h in handles))
+        return {h.worker_id: ok for h, ok in zip(handles, results)}
+
+    async def replace_unhealthy(self) -> list[str]:
+        """Restart every worker that fails its health check; returns their ids."""
+        healthy = await self.health()
+        replaced = []
+        for group in (self.prefill, self.decode):
+            for i, handle in enumerate(group):
+                if healthy[handle.worker_id]:
+                    continue
+                logger.warning("replacing %s worker %s", handle.role, handle.worker_id)
+                try:
+                    handle.shutdown()
+                except Exception as error:
+                    logger.debug("shutting down %s: %s", handle.worker_id, error)
+                group[i] = await self._create(handle.role, handle.worker_id)
+                replaced.append(handle.worker_id)
+        return replaced

@@ -1,0 +1,145 @@
+"""``pdserve serve``: build the cluster, the backend and the app, then run uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import typing
+
+from engine.config import EngineConfig
+from engine.loader import resolve_model_path
+from engine.tiny import TINY_MODEL_LABEL, TINY_MODEL_NAME
+from engine.tokenizer import load_tokenizer
+from kv_transfer.base import KVTransferConfig
+from router.api import RouterConfig, build_app
+from router.backends.cluster import BackendConfig, ClusterBackend
+from router.cluster import Cluster, ClusterConfig, parse_resources
+from router.metrics import RouterMetrics
+
+logger = logging.getLogger(__name__)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1")
+    group.add_argument("--port", type=int, default=8000)
+    group.add_argument("--served-model-name", action="append", default=None)
+    group.add_argument("--request-timeout-s", type=float, default=None)
+    group.add_argument("--max-concurrent-requests", type=int, default=None)
+
+    group = parser.add_argument_group("cluster")
+    group.add_argument("--num-prefill", type=int, default=1)
+    group.add_argument("--num-decode", type=int, default=1)
+    group.add_argument("--transport", choices=("grpc", "local", "nixl"), default="grpc")
+    group.add_argument(
+        "--colocated", action="store_true", help="one engine per worker that prefills and decodes"
+    )
+    group.add_argument("--address", default=None, help="attach to this Ray cluster")
+    group.add_argument("--prefill-resources", default=None, help="e.g. '{\"prefill_node\": 1}'")
+    group.add_argument("--decode-resources", default=None, help="e.g. '{\"decode_node\": 1}'")
+    group.add_argument("--prefill-accelerator-type", default=None, help="e.g. H100")
+    group.add_argument("--decode-accelerator-type", default=None, help="e.g. H200")
+    group.add_argument("--num-gpus-per-worker", type=float, default=None)
+    group.add_argument(
+        "--kv-host", default="127.0.0.1", help="where decode workers accept KV (0.0.0.0: any)"
+    )
+
+    group = parser.add_argument_group("dispatch")
+    group.add_argument(
+        "--enable-local-prefill", action=argparse.BooleanOptionalAction, default=True
+    )
+    group.add_argument(
+        "--local-prefill-threshold",
+        type=int,
+        default=BackendConfig.local_prefill_threshold,
+        help="prefill on the decode worker when at most this many prompt tokens are uncached",
+    )
+    group.add_argument("--admission-timeout-s", type=float, default=30.0)
+
+    group = parser.add_argument_group("kv transfer")
+    hints = typing.get_type_hints(KVTransferConfig)
+    for field in dataclasses.fields(KVTransferConfig):
+        if field.name != "transport":
+            group.add_argument(
+                "--kv-" + field.name.replace("_", "-"),
+                dest="kv_" + field.name,
+                type=hints[field.name],
+                default=field.default,
+            )
+
+
+def build_backend(args: argparse.Namespace, engine: EngineConfig) -> ClusterBackend:
+    kv_fields = {
+        f.name: getattr(args, "kv_" + f.name)
+        for f in dataclasses.fields(KVTransferConfig)
+        if f.name != "transport"
+    }
+    num_gpus = args.num_gpus_per_worker
+    if num_gpus is None:
+        num_gpus = 1.0 if engine.parallel.device.startswith("cuda") else 0.0
+    cluster = Cluster(
+        ClusterConfig(
+            engine=engine,
+            kv_transfer=KVTransferConfig(transport=args.transport, **kv_fields),
+            num_prefill=0 if args.colocated else args.num_prefill,
+            num_decode=args.num_decode,
+            colocated=args.colocated,
+            address=args.address,
+            prefill_resources=parse_resources(args.prefill_resources),
+            decode_resources=parse_resources(args.decode_resources),
+            prefill_accelerator_type=args.prefill_accelerator_type,
+            decode_accelerator_type=args.decode_accelerator_type,
+            num_gpus_per_worker=num_gpus,
+            kv_host=args.kv_host,
+        )
+    )
+    return ClusterBackend(
+        cluster,
+        BackendConfig(
+            enable_local_prefill=args.enable_local_prefill,
+            local_prefill_threshold=args.local_prefill_threshold,
+            admission_timeout_s=args.admission_timeout_s,
+        ),
+        RouterMetrics(),
+    )
+
+
+def run_serve(args: argparse.Namespace, engine: EngineConfig) -> int:
+    import uvicorn
+
+    backend = build_backend(args, engine)
+    tokenizer = load_tokenizer(
+        engine.model.tokenizer or resolve_model_path(engine.model.model),
+        skip_tokenizer_init=engine.model.skip_tokenizer_init,
+    )
+    app = build_app(
+        backend,
+        tokenizer,
+        RouterConfig(
+            served_model_names=tuple(args.served_model_name or ()),
+            request_timeout_s=args.request_timeout_s,
+            max_concurrent_requests=args.max_concurrent_requests,
+        ),
+        backend.metrics,
+    )
+    model = engine.model.model
+    shape = (
+        f"{args.num_decode} colocated worker(s)"
+        if args.colocated
+        else f"{args.num_prefill} prefill + {args.num_decode} decode workers, KV over "
+        f"{args.transport}"
+    )
+    print(f"pdserve: serving {model} with {shape}")
+    if model == TINY_MODEL_NAME:
+        print(f"pdserve: model is {TINY_MODEL_LABEL}")
+    print(f"pdserve: listening on http://{args.host}:{args.port}  (OpenAI API under /v1)")
+    print(
+        f"try:\n  curl http://{args.host}:{args.port}/v1/chat/completions "
+        f"-H 'Content-Type: application/json' \\\n"
+        f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], '
+        f'"max_tokens": 32}}\'',
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    return 0
