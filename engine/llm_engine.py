@@ -29,8 +29,7 @@ class LLMEngine:
         self.config = config
         self.runner = ModelRunner(config)
         hf_config = self.runner.hf_config
-        max_position = hf_config.max_position_embeddings
-        self.max_model_len = min(config.model.max_model_len or max_position, max_position)
+        self.max_model_len = self.runner.max_model_len
         self.tokenizer = load_tokenizer(
             config.model.tokenizer or self.runner.model_path,
             skip_tokenizer_init=config.model.skip_tokenizer_init,

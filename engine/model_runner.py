@@ -21,6 +21,7 @@ import torch
 
 from engine.attention import AttentionMetadata, get_attention_backend
 from engine.config import EngineConfig
+from engine.cuda_graphs import DEFAULT_MAX_SEQ_LEN_TO_CAPTURE, CudaGraphDecodeRunner
 from engine.kv_cache import allocate_kv_caches, num_blocks_for_budget
 from engine.loader import TORCH_DTYPES, load_model, resolve_model_path
 from engine.request import Request
@@ -57,6 +58,8 @@ class ModelRunner:
         self.model_path = resolve_model_path(config.model.model)
         self.model, self.hf_config = load_model(config.model, self.attention_backend, self.device)
         self.geometry = self.model.args
+        max_position = self.hf_config.max_position_embeddings
+        self.max_model_len = min(config.model.max_model_len or max_position, max_position)
         self.num_blocks = num_blocks_for_budget(
             cache_config=config.cache,
             num_layers=self.geometry.num_layers,
@@ -82,9 +85,29 @@ class ModelRunner:
             self.num_blocks,
             self.block_size,
         )
+        self.cuda_graphs = self._maybe_capture_cuda_graphs()
         self.sampler = Sampler()
         self._requests: dict[str, Request] = {}
         self._generators: dict[str, torch.Generator] = {}
+
+    def _maybe_capture_cuda_graphs(self) -> CudaGraphDecodeRunner | None:
+        """Decode steps replay CUDA graphs on CUDA with the Triton backend, unless eager."""
+        if (
+            self.device.type != "cuda"
+            or self.config.parallel.enforce_eager
+            or self.attention_backend.name != "triton"
+        ):
+            return None
+        graphs = CudaGraphDecodeRunner(
+            self.model,
+            self.kv_caches,
+            max_num_seqs=self.config.scheduler.max_num_seqs,
+            max_num_blocks_per_seq=-(-self.max_model_len // self.block_size),
+            # Longer contexts run eagerly, as in vLLM.
+            max_seq_len_to_capture=min(self.max_model_len, DEFAULT_MAX_SEQ_LEN_TO_CAPTURE),
+        )
+        graphs.capture()
+        return graphs
 
     # -- per-request state -------------------------------------------------------------
 
@@ -171,13 +194,20 @@ class ModelRunner:
         if scheduler_output.is_empty:
             return ModelRunnerOutput(sampled_token_ids={})
         inputs = self.prepare_inputs(scheduler_output)
-        hidden_states = self.model(
-            inputs.input_ids,
-            inputs.positions,
-            self.kv_caches,
-            inputs.metadata,
-            layer_callback=layer_callback,
-        )
+        hidden_states = None
+        if self.cuda_graphs is not None and layer_callback is None:
+            # None unless the step is decode-only and fits a captured size.
+            hidden_states = self.cuda_graphs.run(
+                inputs.input_ids, inputs.positions, inputs.metadata
+            )
+        if hidden_states is None:
+            hidden_states = self.model(
+                inputs.input_ids,
+                inputs.positions,
+                self.kv_caches,
+                inputs.metadata,
+                layer_callback=layer_callback,
+            )
         if not inputs.sampled_request_ids:
             return ModelRunnerOutput(sampled_token_ids={})
         logits = self.model.compute_logits(hidden_states[inputs.sample_indices])
