@@ -36,14 +36,13 @@ not thread-safe: one owner calls every method.
 
 from __future__ import annotations
 
-import bisect
 import logging
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from engine.config import CacheConfig, SchedulerConfig
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
+from engine.request_queue import RequestQueue
 from engine.scheduler_output import ModelRunnerOutput, ScheduledSequence, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -64,42 +63,6 @@ class SchedulerStats:
     prefix_cache_queries: int  # tokens looked up in the prefix cache
     prefix_cache_hits: int  # of those, tokens found
     num_evictions: int  # prefix-cache blocks reused for other content
-
-
-class _WaitingQueue:
-    """Waiting requests in policy order; ``push_front`` is for preempted/prefilled ones."""
-
-    def __init__(self, priority_key: Callable[[Request], tuple] | None) -> None:
-        self._key = priority_key  # None: fcfs
-        self._requests: list[Request] = []
-
-    def __len__(self) -> int:
-        return len(self._requests)
-
-    def __iter__(self) -> Iterator[Request]:
-        return iter(self._requests)
-
-    def push(self, request: Request) -> None:
-        if self._key is None:
-            self._requests.append(request)
-        else:
-            bisect.insort(self._requests, request, key=self._key)
-
-    def push_front(self, request: Request) -> None:
-        # Under "priority" the order is the key's: a resumed request keeps its rank.
-        if self._key is None:
-            self._requests.insert(0, request)
-        else:
-            self.push(request)
-
-    def peek(self) -> Request:
-        return self._requests[0]
-
-    def pop(self) -> Request:
-        return self._requests.pop(0)
-
-    def remove(self, request: Request) -> None:
-        self._requests.remove(request)
 
 
 class Scheduler:
@@ -135,7 +98,7 @@ class Scheduler:
                 f"({self.max_model_len}), or a long prompt could never be scheduled"
             )
         self._priority = scheduler_config.policy == "priority"
-        self.waiting = _WaitingQueue(self._policy_key if self._priority else None)
+        self.waiting = RequestQueue(self._policy_key if self._priority else None)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # every unfinished request, reserved included
         self.reserved: dict[str, Request] = {}

@@ -8,6 +8,7 @@ PURE_MODULES = [
     "engine.block_pool",
     "engine.kv_cache_manager",
     "engine.scheduler",
+    "engine.request_queue",
     "engine.request",
     "engine.sampling_params",
     "engine.scheduler_output",
