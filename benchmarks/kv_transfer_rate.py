@@ -58,12 +58,18 @@ def _recv_json(conn: Connection) -> dict[str, Any]:
     return json.loads(conn.recv_bytes())
 
 
-def _grpc_receiver_main(conn: Connection, layout: dict[str, Any], num_blocks: int) -> None:
+def _grpc_receiver_main(
+    conn: Connection,
+    layout: dict[str, Any],
+    config: dict[str, Any],
+    num_blocks: int,
+    torch_threads: int,
+) -> None:
     """Decode side: a gRPC receiver that reserves, waits and reports the CRC it holds."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(torch_threads)
     caches = _caches(KVLayout(**layout), num_blocks, fill=False)
     receiver = get_transport("grpc").create_receiver(
-        caches, KVTransferConfig(), address="127.0.0.1:0"
+        caches, KVTransferConfig(**config), address="127.0.0.1:0"
     )
     while (message := _recv_json(conn))["op"] != "close":
         request_id = message["request_id"]
@@ -93,15 +99,20 @@ def _tcp_receiver_main(conn: Connection, nbytes: int, repeats: int) -> None:
                 _send_json(conn, {"crc": zlib.crc32(buffer)})
 
 
-def bench_grpc(layout: KVLayout, src: list[torch.Tensor], repeats: int) -> list[float]:
+def bench_grpc(
+    layout: KVLayout, config: KVTransferConfig, src: list[torch.Tensor], repeats: int
+) -> list[float]:
     num_blocks = int(src[0].shape[1])
     block_ids = list(range(num_blocks))
     dst_ids = block_ids[::-1]  # other block ids on the decode side
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
-    process = context.Process(target=_grpc_receiver_main, args=(child, asdict(layout), num_blocks))
+    process = context.Process(
+        target=_grpc_receiver_main,
+        args=(child, asdict(layout), asdict(config), num_blocks, torch.get_num_threads()),
+    )
     process.start()
-    sender = get_transport("grpc").create_sender(src, KVTransferConfig())
+    sender = get_transport("grpc").create_sender(src, config)
     expected_crc = _cache_crc(src, block_ids)
     seconds = []
     try:
@@ -130,7 +141,9 @@ def bench_grpc(layout: KVLayout, src: list[torch.Tensor], repeats: int) -> list[
     return seconds
 
 
-def bench_tcp(layout: KVLayout, src: list[torch.Tensor], repeats: int) -> list[float]:
+def bench_tcp(
+    layout: KVLayout, config: KVTransferConfig, src: list[torch.Tensor], repeats: int
+) -> list[float]:
     ids = torch.arange(src[0].shape[1])
     payload = b"".join(bytes(payload_bytes(gather_blocks(kv_layer, ids))) for kv_layer in src)
     context = multiprocessing.get_context("spawn")
@@ -153,13 +166,15 @@ def bench_tcp(layout: KVLayout, src: list[torch.Tensor], repeats: int) -> list[f
     return seconds
 
 
-def bench_local(layout: KVLayout, src: list[torch.Tensor], repeats: int) -> list[float]:
+def bench_local(
+    layout: KVLayout, config: KVTransferConfig, src: list[torch.Tensor], repeats: int
+) -> list[float]:
     num_blocks = int(src[0].shape[1])
     block_ids = list(range(num_blocks))
     dst = _caches(layout, num_blocks, fill=False)
     transport = get_transport("local")
-    receiver = transport.create_receiver(dst, KVTransferConfig())
-    sender = transport.create_sender(src, KVTransferConfig())
+    receiver = transport.create_receiver(dst, config)
+    sender = transport.create_sender(src, config)
     seconds = []
     try:
         for i in range(repeats + 1):
@@ -190,12 +205,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--chunk-kb", type=int, default=1024, help="payload per gRPC message")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (after a warm-up)")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch CPU threads in each process; the copies are memory-bound, and on a busy "
+        "host OpenMP barriers slow them down many times",
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.torch_threads)
 
     layout = KVLayout(
         args.num_layers, args.block_size, args.num_kv_heads, args.head_dim, args.dtype
+    )
+    config = KVTransferConfig(
+        chunk_bytes=args.chunk_kb << 10,
+        max_message_bytes=max(
+            KVTransferConfig.max_message_bytes, (args.chunk_kb << 10) + (2 << 20)
+        ),
     )
     per_layer = args.total_mb * 2**20 // args.num_layers
     num_blocks = max(1, per_layer // layout.block_nbytes)
@@ -203,12 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     src = _caches(layout, num_blocks, fill=True)
     print(
         f"{nbytes / 2**20:.0f} MiB per transfer: {layout.num_layers} layers x {num_blocks} blocks "
-        f"x {layout.block_nbytes} B ({layout.signature}); {os.cpu_count()} CPUs"
+        f"x {layout.block_nbytes} B ({layout.signature}); {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
 
     results: dict[str, Any] = {}
     for name, bench in (("grpc", bench_grpc), ("tcp", bench_tcp), ("local", bench_local)):
-        seconds = bench(layout, src, args.repeats)
+        seconds = bench(layout, config, src, args.repeats)
         best = min(seconds)
         results[name] = {"seconds": seconds, "best_gbs": nbytes / best / GB}
         print(f"  {name:>5}: {nbytes / best / GB:6.2f} GB/s best, {seconds=}")
@@ -220,11 +251,17 @@ def main(argv: list[str] | None = None) -> int:
             "bytes_per_transfer": nbytes,
             "layout": asdict(layout),
             "num_blocks_per_layer": num_blocks,
-            "chunk_bytes": KVTransferConfig().chunk_bytes,
+            "chunk_bytes": config.chunk_bytes,
             "results": results,
             "grpc_over_tcp": ratio,
-            "host": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
-            | {"machine": platform.machine(), "torch": torch.__version__},
+            "host": {
+                "cpus": os.cpu_count(),
+                "load_average_1m": os.getloadavg()[0],
+                "torch_threads": args.torch_threads,
+                "python": sys.version.split()[0],
+                "machine": platform.machine(),
+                "torch": torch.__version__,
+            },
         }
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)

@@ -1,0 +1,268 @@
+"""gRPC transport: one client-streaming ``PushKV`` call per request, ~1 MB messages.
+
+Decode side: a ``grpc.server`` whose servicer translates each ``KVChunk`` message and calls
+``KVReceiver.receive``; a ``KVTransferError`` ends the call with its status code (see
+``proto/kv_transfer.proto``) and the error's class name in the trailing metadata, so the
+sender raises the same class. Prefill side: one channel per receiver address (HTTP/2
+multiplexes the requests' calls); each request's call pulls messages from a bounded queue the
+sender thread fills, so at most ``max_inflight_chunks`` messages per request wait in memory.
+The call's deadline is the reservation's lease. Messages cross gRPC as bytes encoded and
+decoded by ``grpc_codec`` (one payload copy on the sender, none on the receiver).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import grpc
+import torch
+
+from kv_transfer import grpc_codec
+from kv_transfer.base import (
+    ChecksumError,
+    InvalidChunkError,
+    KVChunk,
+    KVSender,
+    KVTransferConfig,
+    KVTransferError,
+    LayoutMismatchError,
+    StaleEpochError,
+    TransferAbortedError,
+    TransferFailedError,
+    TransferResult,
+    TransferTarget,
+    TransportError,
+    UnknownRequestError,
+)
+from kv_transfer.layout import PackFn, UnpackFn
+from kv_transfer.receiver import KVReceiver
+from kv_transfer.sender import ChunkStream, StreamingKVSender, StreamOpener
+from kv_transfer.transport import Transport
+
+logger = logging.getLogger(__name__)
+
+_ERROR_KEY = "pdserve-kv-error"
+_STATUS_CODES: dict[type[KVTransferError], grpc.StatusCode] = {
+    UnknownRequestError: grpc.StatusCode.NOT_FOUND,
+    StaleEpochError: grpc.StatusCode.FAILED_PRECONDITION,
+    LayoutMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
+    ChecksumError: grpc.StatusCode.DATA_LOSS,
+    InvalidChunkError: grpc.StatusCode.INVALID_ARGUMENT,
+    TransferFailedError: grpc.StatusCode.ABORTED,
+    TransferAbortedError: grpc.StatusCode.CANCELLED,
+    TransportError: grpc.StatusCode.UNAVAILABLE,
+}
+_ERRORS_BY_NAME = {cls.__name__: cls for cls in _STATUS_CODES}
+_WILDCARD_HOSTS = ("", "0.0.0.0", "[::]")
+_POLL_S = 0.05  # how often a blocked queue put/get rechecks that the call is still alive
+
+
+def _options(config: KVTransferConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+    ]
+
+
+def _error_from_rpc(error: grpc.RpcError) -> KVTransferError:
+    code = error.code()
+    name = dict(error.trailing_metadata() or ()).get(_ERROR_KEY)
+    default = TransferAbortedError if code == grpc.StatusCode.CANCELLED else TransportError
+    return _ERRORS_BY_NAME.get(name, default)(f"{code.name}: {error.details()}")
+
+
+class _KVTransferServicer:
+    """Translates ``PushKV`` messages into ``KVReceiver.receive`` calls."""
+
+    def __init__(self, receiver: KVReceiver) -> None:
+        self._receiver = receiver
+
+    def push_kv(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        first: KVChunk | None = None
+        num_chunks = num_blocks = 0
+        complete = False
+        for raw in request_iterator:
+            try:
+                chunk = grpc_codec.decode_chunk(raw)
+                if first is None:
+                    first = chunk
+                if (chunk.request_id, chunk.epoch) != (first.request_id, first.epoch):
+                    raise InvalidChunkError(
+                        f"one call carries one request: got {chunk.request_id!r} epoch "
+                        f"{chunk.epoch} after {first.request_id!r} epoch {first.epoch}"
+                    )
+                complete = self._receiver.receive(chunk)
+            except KVTransferError as error:
+                context.set_trailing_metadata(((_ERROR_KEY, type(error).__name__),))
+                context.abort(_STATUS_CODES[type(error)], str(error))
+            num_chunks += 1
+            num_blocks += len(chunk.block_ids)
+        request_id, epoch = (first.request_id, first.epoch) if first else ("", 0)
+        result = TransferResult(request_id, epoch, num_chunks, num_blocks, complete)
+        return grpc_codec.encode_ack(result)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """Raw bytes in and out: the codec, not protobuf's (de)serializers, reads them."""
+        push_kv = grpc.stream_unary_rpc_method_handler(self.push_kv)
+        return grpc.method_handlers_generic_handler(
+            grpc_codec.SERVICE_NAME, {grpc_codec.PUSH_KV: push_kv}
+        )
+
+
+class _GrpcEndpoint:
+    transport = "grpc"
+    metadata = b""
+
+    def __init__(
+        self,
+        receiver: KVReceiver,
+        address: str,
+        advertise_host: str | None,
+        config: KVTransferConfig,
+    ) -> None:
+        host, _, _ = address.rpartition(":")
+        if host in _WILDCARD_HOSTS and not advertise_host:
+            raise ValueError(f"address {address!r} binds every interface: give advertise_host")
+        self._executor = ThreadPoolExecutor(config.num_server_threads, thread_name_prefix="kv-recv")
+        self._server = grpc.server(self._executor, options=_options(config))
+        self._server.add_generic_rpc_handlers((_KVTransferServicer(receiver).handler(),))
+        try:
+            port = self._server.add_insecure_port(address)
+        except RuntimeError as error:
+            raise TransportError(f"cannot bind the KV receiver to {address!r}: {error}") from error
+        self._server.start()
+        self.address = f"{advertise_host or host}:{port}"
+        logger.info("KV receiver listening on %s (advertised %s)", address, self.address)
+
+    def close(self) -> None:
+        self._server.stop(grace=None).wait()
+        self._executor.shutdown(wait=True)
+
+
+class _GrpcStream(ChunkStream):
+    def __init__(
+        self,
+        push_kv: grpc.StreamUnaryMultiCallable,
+        target: TransferTarget,
+        max_inflight_chunks: int,
+    ) -> None:
+        timeout = target.deadline - time.time()
+        if timeout <= 0:
+            raise TransportError(f"the lease of {target.request_id!r} ended before sending")
+        self._target = target
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=max_inflight_chunks)
+        self._closed = threading.Event()  # the call ended, or was cancelled
+        self._call = push_kv.future(self._messages(), timeout=timeout)
+        self._call.add_done_callback(lambda _: self._closed.set())
+
+    def write(self, chunk: KVChunk) -> None:
+        self._put(grpc_codec.encode_chunk(chunk))
+
+    def finish(self) -> Future[TransferResult]:
+        future: Future[TransferResult] = Future()
+        try:
+            self._put(None)
+        except KVTransferError as error:
+            future.set_exception(error)
+            return future
+        self._call.add_done_callback(lambda call: self._resolve(call, future))
+        return future
+
+    def cancel(self) -> None:
+        self._closed.set()
+        self._call.cancel()
+
+    def _messages(self) -> Iterator[bytes]:
+        """What gRPC's consumer thread sends; ends on finish, and when the call ends."""
+        while not self._closed.is_set():
+            try:
+                message = self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+            if message is None:
+                return
+            yield message
+
+    def _put(self, message: bytes | None) -> None:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(message, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+        raise self._end_error()
+
+    def _end_error(self) -> KVTransferError:
+        if self._call.done() and not self._call.cancelled():
+            error = self._call.exception()
+            if error is not None:
+                return _error_from_rpc(error)
+        return TransferAbortedError(f"stream of {self._target.request_id!r} was cancelled")
+
+    def _resolve(self, call: grpc.Future, future: Future[TransferResult]) -> None:
+        if call.cancelled() or call.exception() is not None:
+            future.set_exception(self._end_error())
+            return
+        future.set_result(call.result())
+
+
+class _GrpcOpener(StreamOpener):
+    transport = "grpc"
+
+    def __init__(self, config: KVTransferConfig) -> None:
+        self._config = config
+        self._lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+        self._push_kv: dict[str, grpc.StreamUnaryMultiCallable] = {}
+
+    def open(self, target: TransferTarget) -> ChunkStream:
+        with self._lock:
+            push_kv = self._push_kv.get(target.address)
+            if push_kv is None:
+                channel = grpc.insecure_channel(target.address, options=_options(self._config))
+                self._channels[target.address] = channel
+                # Messages are encoded by the sender thread (grpc_codec): no serializer here.
+                push_kv = self._push_kv[target.address] = channel.stream_unary(
+                    grpc_codec.PUSH_KV_PATH, response_deserializer=grpc_codec.decode_ack
+                )
+        return _GrpcStream(push_kv, target, self._config.max_inflight_chunks)
+
+    def close(self) -> None:
+        with self._lock:
+            channels, self._channels, self._push_kv = list(self._channels.values()), {}, {}
+        for channel in channels:
+            channel.close()
+
+
+class GrpcTransport(Transport):
+    name = "grpc"
+
+    def create_sender(
+        self,
+        kv_caches: Sequence[torch.Tensor],  # per layer [2, num_blocks, block_size, H, D]
+        config: KVTransferConfig,
+        *,
+        pack_fn: PackFn | None = None,
+    ) -> KVSender:
+        return StreamingKVSender(kv_caches, config, _GrpcOpener(config), pack_fn=pack_fn)
+
+    def create_receiver(
+        self,
+        kv_caches: Sequence[torch.Tensor],  # per layer [2, num_blocks, block_size, H, D]
+        config: KVTransferConfig,
+        *,
+        address: str = "127.0.0.1:0",
+        advertise_host: str | None = None,
+        unpack_fn: UnpackFn | None = None,
+    ) -> KVReceiver:
+        return KVReceiver(
+            kv_caches,
+            config,
+            lambda receiver: _GrpcEndpoint(receiver, address, advertise_host, config),
+            unpack_fn=unpack_fn,
+        )

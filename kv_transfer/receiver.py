@@ -1,0 +1,207 @@
+"""The decode side of a KV transfer: reservations in, verified blocks written into the cache.
+
+The receiver owns (registers) the decode worker's KV cache for writing. Its endpoint - a gRPC
+server, an in-process name, later a NIXL agent - delivers each ``KVChunk`` to ``receive``,
+from the endpoint's own threads. ``receive`` admits the write against the reservation
+(``kv_transfer.reservations``), checks the payload's layout and checksum, scatters it into the
+reserved blocks and records it; any problem raises a ``KVTransferError`` for the endpoint to
+report to the sender. A chunk without a payload is the notification of a one-sided write
+that already landed: its checksum is verified against the blocks in the cache.
+
+The decode worker drives the rest: ``expect`` (after reserving blocks in its block pool),
+``is_complete`` / ``wait_complete``, ``cancel`` (abort, or the request joined the decode batch)
+and ``expire`` (leases; it frees the returned requests' blocks).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import torch
+
+from kv_transfer.base import (
+    ChecksumError,
+    InvalidChunkError,
+    KVChunk,
+    KVTransferConfig,
+    LayoutMismatchError,
+    TransferFailedError,
+    TransferStatus,
+    TransferTarget,
+    UnknownRequestError,
+)
+from kv_transfer.layout import (
+    KVLayout,
+    UnpackFn,
+    checksum,
+    pack_fns,
+    packed_from_bytes,
+    payload_bytes,
+)
+from kv_transfer.reservations import Reservation, ReservationTable
+
+logger = logging.getLogger(__name__)
+
+
+class ReceiverEndpoint(Protocol):
+    """How senders reach a receiver; made by a transport for one receiver."""
+
+    transport: str  # the transport's registry name
+    address: str  # where senders connect (bound address: a port 0 is resolved)
+    metadata: bytes  # anything else a remote writer needs (NIXL: agent metadata)
+
+    def close(self) -> None: ...
+
+
+EndpointFactory = Callable[["KVReceiver"], ReceiverEndpoint]
+
+
+class KVReceiver:
+    """Decode side: verifies incoming writes into reserved blocks and tracks completion."""
+
+    def __init__(
+        self,
+        kv_caches: Sequence[torch.Tensor],  # per layer [2, num_blocks, block_size, H, D]
+        config: KVTransferConfig,
+        endpoint: EndpointFactory,
+        *,
+        unpack_fn: UnpackFn | None = None,
+    ) -> None:
+        self.layout = KVLayout.from_kv_caches(kv_caches)
+        self._kv_caches = list(kv_caches)
+        self._num_blocks = int(kv_caches[0].shape[1])
+        self._device = kv_caches[0].device
+        self._config = config
+        self._pack_fn, default_unpack_fn = pack_fns(self._device)
+        self._unpack_fn = unpack_fn or default_unpack_fn
+        self._table = ReservationTable(self.layout.num_layers)
+        self._endpoint = endpoint(self)
+
+    @property
+    def address(self) -> str:
+        return self._endpoint.address
+
+    def expect(
+        self, request_id: str, block_ids: Sequence[int], *, lease_s: float | None = None
+    ) -> TransferTarget:
+        """Reserve ``block_ids`` (already allocated by the caller) for a request's KV."""
+        bad = [b for b in block_ids if not 0 <= b < self._num_blocks]
+        if bad:
+            raise ValueError(f"block ids {bad} outside the cache's {self._num_blocks} blocks")
+        lease_s = self._config.lease_s if lease_s is None else lease_s
+        reservation = self._table.reserve(request_id, block_ids, lease_s)
+        return TransferTarget(
+            transport=self._endpoint.transport,
+            address=self._endpoint.address,
+            request_id=request_id,
+            block_ids=reservation.block_ids,
+            layout_signature=self.layout.signature,
+            epoch=reservation.epoch,
+            deadline=time.time() + lease_s,
+            metadata=self._endpoint.metadata,
+        )
+
+    def receive(self, chunk: KVChunk) -> bool:
+        """Verify one write and put it in the cache; True when the request is now complete."""
+        reservation = self._table.admit(chunk.request_id, chunk.epoch, chunk.layer, chunk.block_ids)
+        try:
+            packed = self._verified_packed(chunk)
+            with reservation.write_lock:
+                _check_live(reservation)
+                if packed is not None:
+                    self._write(chunk, packed)
+        except Exception as error:
+            if not isinstance(error, UnknownRequestError | TransferFailedError):
+                self._table.fail(reservation, str(error))
+            logger.warning("rejected KV write: %s", error)
+            raise
+        return self._table.record(reservation, len(chunk.block_ids))
+
+    def status(self, request_id: str) -> TransferStatus | None:
+        """The reservation's status, or None when there is none (never made, or dropped)."""
+        reservation = self._table.get(request_id)
+        return None if reservation is None else reservation.status
+
+    def is_complete(self, request_id: str) -> bool:
+        return self.status(request_id) is TransferStatus.COMPLETE
+
+    def wait_complete(self, request_id: str, timeout: float | None = None) -> bool:
+        """True once complete, False on timeout; raises when failed, cancelled or unknown."""
+        reservation = self._table.get(request_id)
+        if reservation is None:
+            raise UnknownRequestError(f"no reservation for request {request_id!r}")
+        if not reservation.done.wait(timeout):
+            return False
+        _check_live(reservation)
+        return True
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop the reservation; once it returns no write touches its blocks. False if unknown."""
+        return self._table.cancel(request_id)
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Drop incomplete reservations whose lease ended (``time.monotonic()`` clock)."""
+        expired = self._table.expire(now)
+        if expired:
+            logger.warning("KV reservations expired before completing: %s", expired)
+        return expired
+
+    @property
+    def num_reservations(self) -> int:
+        return len(self._table)
+
+    def close(self) -> None:
+        self._endpoint.close()
+
+    def _verified_packed(self, chunk: KVChunk) -> torch.Tensor | None:
+        """The payload as a packed tensor after every check; None for a one-sided write."""
+        if chunk.layout_signature != self.layout.signature:
+            raise LayoutMismatchError(
+                f"sender layout {chunk.layout_signature!r} != receiver {self.layout.signature!r}"
+            )
+        num_blocks = len(chunk.block_ids)
+        shape = self.layout.packed_shape(num_blocks)
+        if chunk.dtype != self.layout.dtype or tuple(chunk.shape) != shape:
+            raise InvalidChunkError(
+                f"chunk is {chunk.dtype} {tuple(chunk.shape)}, expected {self.layout.dtype} {shape}"
+            )
+        if chunk.payload is None:
+            self._check_checksum(chunk, self._gathered_payload(chunk))
+            return None
+        if len(chunk.payload) != num_blocks * self.layout.block_nbytes:
+            raise InvalidChunkError(
+                f"payload has {len(chunk.payload)} bytes, "
+                f"expected {num_blocks * self.layout.block_nbytes}"
+            )
+        self._check_checksum(chunk, chunk.payload)
+        return packed_from_bytes(chunk.payload, self.layout, num_blocks)
+
+    def _check_checksum(self, chunk: KVChunk, payload: bytes | memoryview) -> None:
+        actual = checksum(payload)
+        if actual != chunk.checksum:
+            raise ChecksumError(
+                f"request {chunk.request_id!r} layer {chunk.layer} blocks {list(chunk.block_ids)}:"
+                f" checksum {actual:#010x} != sent {chunk.checksum:#010x}"
+            )
+
+    def _gathered_payload(self, chunk: KVChunk) -> memoryview:
+        block_ids = torch.tensor(chunk.block_ids, dtype=torch.int64, device=self._device)
+        packed = self._pack_fn(self._kv_caches[chunk.layer], block_ids, None).cpu()
+        return payload_bytes(packed)
+
+    def _write(self, chunk: KVChunk, packed: torch.Tensor) -> None:
+        block_ids = torch.tensor(chunk.block_ids, dtype=torch.int64, device=self._device)
+        self._unpack_fn(packed, self._kv_caches[chunk.layer], block_ids)
+        if self._device.type == "cuda":  # recorded as arrived only once it is in the cache
+            torch.cuda.current_stream(self._device).synchronize()
+
+
+def _check_live(reservation: Reservation) -> None:
+    """Raise unless the reservation may still be written to / used."""
+    if reservation.status is TransferStatus.CANCELLED:
+        raise UnknownRequestError(f"reservation for {reservation.request_id!r} was dropped")
+    if reservation.status is TransferStatus.FAILED:
+        raise TransferFailedError(f"request {reservation.request_id!r}: {reservation.error}")

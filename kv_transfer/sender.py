@@ -1,0 +1,310 @@
+"""The prefill side of a KV transfer: a background thread that packs, checksums and streams.
+
+``send_layer`` validates its arguments, records a CUDA event when the cache is on a GPU (so
+the pack waits for the kernels that wrote the layer, not for the whole device) and enqueues a
+job. One daemon thread takes jobs in order: for each chunk of ``chunk_bytes`` of the layer's
+blocks it packs them into one reused staging buffer (``pack_fn``: by default the Triton
+kernel on CUDA, torch elsewhere; then a copy to pinned host memory on a GPU), checksums them
+and writes them into the request's ``ChunkStream`` - the transport's part, opened on the first
+chunk - which is done with the buffer when ``write`` returns. A stream applies backpressure
+(bounded in-flight chunks), so memory stays bounded.
+
+The first error of a request (from the pack, the wire or the receiver) is kept: the request's
+later jobs are skipped and its ``flush`` future raises it. ``abort`` cancels the stream at
+once, from the caller's thread. Per-request state lives from ``begin`` until its flush job ran
+or ``abort``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+
+from kv_transfer.base import (
+    KVChunk,
+    KVSender,
+    KVTransferConfig,
+    LayoutMismatchError,
+    TransferAbortedError,
+    TransferResult,
+    TransferTarget,
+)
+from kv_transfer.layout import KVLayout, PackFn, checksum, pack_fns, payload_bytes
+
+logger = logging.getLogger(__name__)
+
+_HEADER_ALLOWANCE = 64 << 10  # message bytes besides the payload: ids, names, shape
+
+
+class ChunkStream(ABC):
+    """One request's writes over one transport."""
+
+    @abstractmethod
+    def write(self, chunk: KVChunk) -> None:
+        """Send one chunk. May block (backpressure); must not keep ``chunk.payload`` after
+        returning. Raises the KVTransferError that ended the stream, if one did."""
+
+    @abstractmethod
+    def finish(self) -> Future[TransferResult]:
+        """No more chunks; resolves when the receiver acknowledged the stream."""
+
+    @abstractmethod
+    def cancel(self) -> None:
+        """Stop the stream now; a pending ``write`` or ``finish`` future raises."""
+
+
+class StreamOpener(ABC):
+    """A transport's sending half: opens request streams, owns connections."""
+
+    transport: str  # the registry name; a target of another transport is refused
+
+    @abstractmethod
+    def open(self, target: TransferTarget) -> ChunkStream: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+@dataclass
+class _Outgoing:
+    """A request being sent. Fields below ``target`` are written by the worker thread."""
+
+    target: TransferTarget
+    allowed_dst_ids: frozenset[int]
+    flushed: bool = False  # set by flush(): no more send_layer
+    aborted: bool = False  # set by abort(), from any thread
+    stream: ChunkStream | None = None
+    error: BaseException | None = None
+    num_chunks: int = 0
+
+
+@dataclass(frozen=True)
+class _LayerJob:
+    outgoing: _Outgoing
+    layer: int
+    src_block_ids: tuple[int, ...]
+    dst_block_ids: tuple[int, ...]
+    ready: torch.cuda.Event | None  # recorded after the layer's KV was written (CUDA only)
+
+
+@dataclass(frozen=True)
+class _FlushJob:
+    outgoing: _Outgoing
+    future: Future[TransferResult]
+
+
+class StreamingKVSender(KVSender):
+    """``KVSender`` over any ``StreamOpener``; see the module docstring for the threading."""
+
+    def __init__(
+        self,
+        kv_caches: Sequence[torch.Tensor],  # per layer [2, num_blocks, block_size, H, D]
+        config: KVTransferConfig,
+        opener: StreamOpener,
+        *,
+        pack_fn: PackFn | None = None,
+    ) -> None:
+        self.layout = KVLayout.from_kv_caches(kv_caches)
+        if self.layout.block_nbytes + _HEADER_ALLOWANCE > config.max_message_bytes:
+            raise ValueError(
+                f"one block is {self.layout.block_nbytes} bytes: raise max_message_bytes "
+                f"({config.max_message_bytes})"
+            )
+        self._kv_caches = list(kv_caches)
+        self._num_blocks = int(kv_caches[0].shape[1])
+        self._blocks_per_chunk = max(1, config.chunk_bytes // self.layout.block_nbytes)
+        self._opener = opener
+        self._pack_fn = pack_fn or pack_fns(kv_caches[0].device)[0]
+        # One chunk's packed blocks, reused for every chunk (only the sender thread touches
+        # it); staged through pinned host memory when the cache is on a GPU.
+        device = kv_caches[0].device
+        staging_shape = self.layout.packed_shape(self._blocks_per_chunk)
+        self._staging = torch.empty(staging_shape, dtype=self.layout.torch_dtype, device=device)
+        self._host_staging = None
+        if device.type != "cpu":
+            self._host_staging = torch.empty(
+                staging_shape, dtype=self.layout.torch_dtype, pin_memory=True
+            )
+        self._lock = threading.Lock()
+        self._requests: dict[str, _Outgoing] = {}
+        self._jobs: queue.SimpleQueue[_LayerJob | _FlushJob | None] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="kv-sender", daemon=True)
+        self._thread.start()
+
+    def begin(self, target: TransferTarget) -> None:
+        if target.transport != self._opener.transport:
+            raise ValueError(
+                f"target of request {target.request_id!r} is for transport "
+                f"{target.transport!r}, this sender speaks {self._opener.transport!r}"
+            )
+        if target.layout_signature != self.layout.signature:
+            raise LayoutMismatchError(
+                f"request {target.request_id!r}: decode layout {target.layout_signature!r} "
+                f"!= prefill layout {self.layout.signature!r}"
+            )
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("KV sender is closed")
+            if target.request_id in self._requests:
+                raise ValueError(f"transfer of request {target.request_id!r} already begun")
+            self._requests[target.request_id] = _Outgoing(target, frozenset(target.block_ids))
+
+    def send_layer(
+        self,
+        request_id: str,
+        layer: int,
+        src_block_ids: Sequence[int],
+        dst_block_ids: Sequence[int],
+    ) -> None:
+        outgoing = self._outgoing(request_id)
+        if not 0 <= layer < self.layout.num_layers:
+            raise ValueError(f"layer {layer} not in [0, {self.layout.num_layers})")
+        if len(src_block_ids) != len(dst_block_ids):
+            raise ValueError(
+                f"{len(src_block_ids)} source blocks for {len(dst_block_ids)} destination blocks"
+            )
+        bad_src = [b for b in src_block_ids if not 0 <= b < self._num_blocks]
+        bad_dst = [b for b in dst_block_ids if b not in outgoing.allowed_dst_ids]
+        if bad_src or bad_dst:
+            raise ValueError(
+                f"request {request_id!r}: source blocks {bad_src} outside the cache or "
+                f"destination blocks {bad_dst} outside the target"
+            )
+        ready = None
+        if self._kv_caches[layer].is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        job = _LayerJob(outgoing, layer, tuple(src_block_ids), tuple(dst_block_ids), ready)
+        self._jobs.put(job)
+
+    def flush(self, request_id: str) -> Future[TransferResult]:
+        future: Future[TransferResult] = Future()
+        with self._lock:
+            outgoing = self._requests.get(request_id)
+            if outgoing is not None and not outgoing.flushed:
+                outgoing.flushed = True
+                # Stays registered (so abort reaches it) until the receiver answered.
+                future.add_done_callback(lambda _: self._forget(outgoing))
+                self._jobs.put(_FlushJob(outgoing, future))
+                return future
+        future.set_exception(_not_in_progress(request_id))
+        return future
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            outgoing = self._requests.pop(request_id, None)
+        if outgoing is not None:
+            _abort(outgoing)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            outgoing, self._requests = list(self._requests.values()), {}
+        for each in outgoing:
+            _abort(each)
+        self._jobs.put(None)
+        self._thread.join()
+        self._opener.close()
+
+    def _outgoing(self, request_id: str) -> _Outgoing:
+        with self._lock:
+            outgoing = self._requests.get(request_id)
+        if outgoing is None or outgoing.flushed:
+            raise _not_in_progress(request_id)
+        return outgoing
+
+    def _forget(self, outgoing: _Outgoing) -> None:
+        with self._lock:
+            if self._requests.get(outgoing.target.request_id) is outgoing:
+                del self._requests[outgoing.target.request_id]
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            outgoing = job.outgoing
+            try:
+                if isinstance(job, _FlushJob):
+                    self._finish(outgoing, job.future)
+                elif not outgoing.aborted and outgoing.error is None:
+                    self._send(job)
+            except BaseException as error:  # kept for the flush future, never dropped
+                logger.warning("KV transfer of %s failed: %r", outgoing.target.request_id, error)
+                outgoing.error = error
+                if outgoing.stream is not None:
+                    outgoing.stream.cancel()
+
+    def _send(self, job: _LayerJob) -> None:
+        outgoing, target = job.outgoing, job.outgoing.target
+        if job.ready is not None:
+            job.ready.synchronize()
+        kv_layer = self._kv_caches[job.layer]
+        for start in range(0, len(job.dst_block_ids), self._blocks_per_chunk):
+            src_ids = job.src_block_ids[start : start + self._blocks_per_chunk]
+            ids = torch.tensor(src_ids, dtype=torch.int64, device=kv_layer.device)
+            packed = self._pack_fn(kv_layer, ids, self._staging[: len(src_ids)])
+            if self._host_staging is not None:
+                packed = self._host_staging[: len(src_ids)].copy_(packed)
+            payload = payload_bytes(packed)  # [n, 2, block_size, H, D] as bytes
+            chunk = KVChunk(
+                request_id=target.request_id,
+                epoch=target.epoch,
+                layer=job.layer,
+                block_ids=job.dst_block_ids[start : start + self._blocks_per_chunk],
+                layout_signature=self.layout.signature,
+                dtype=self.layout.dtype,
+                shape=tuple(packed.shape),
+                payload=payload,
+                checksum=checksum(payload),
+            )
+            if outgoing.aborted:
+                return
+            if outgoing.stream is None:
+                outgoing.stream = self._opener.open(target)
+                if outgoing.aborted:  # abort() ran before the stream existed
+                    outgoing.stream.cancel()
+                    return
+            outgoing.stream.write(chunk)  # done with the staging buffer when it returns
+            outgoing.num_chunks += 1
+
+    def _finish(self, outgoing: _Outgoing, future: Future[TransferResult]) -> None:
+        target = outgoing.target
+        if outgoing.aborted:
+            future.set_exception(TransferAbortedError(f"{target.request_id!r} was aborted"))
+        elif outgoing.error is not None:
+            future.set_exception(outgoing.error)
+        elif outgoing.stream is None:
+            logger.warning("flush of %s with no block sent", target.request_id)
+            future.set_result(TransferResult(target.request_id, target.epoch, 0, 0, False))
+        else:
+            _chain(outgoing.stream.finish(), future)
+
+
+def _abort(outgoing: _Outgoing) -> None:
+    outgoing.aborted = True
+    stream = outgoing.stream
+    if stream is not None:
+        stream.cancel()
+
+
+def _chain(source: Future[TransferResult], target: Future[TransferResult]) -> None:
+    def copy(done: Future[TransferResult]) -> None:
+        error = done.exception()
+        if error is not None:
+            target.set_exception(error)
+        else:
+            target.set_result(done.result())
+
+    source.add_done_callback(copy)
+
+
+def _not_in_progress(request_id: str) -> TransferAbortedError:
+    return TransferAbortedError(
+        f"no transfer in progress for request {request_id!r} (never begun, flushed or aborted)"
+    )
