@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from engine.arg_utils import engine_config_from_kwargs
 from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from engine.llm_engine import LLMEngine
 from engine.outputs import CompletionOutput, RequestDelta, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -27,9 +27,15 @@ PromptType = str | dict[str, Any]
 class _Sequence:
     """One of a prompt's ``n`` completions while it is being generated."""
 
-    def __init__(self, request_id: str, params: SamplingParams) -> None:
+    def __init__(self, request_id: str, params: SamplingParams, tokenizer: Any) -> None:
         self.request_id = request_id
         self.params = params
+        self.detokenizer = (
+            IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
+            if tokenizer is not None
+            else None
+        )
+        self.stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprobs] = []
         self.text = ""
@@ -85,7 +91,9 @@ class LLM:
             outputs.append(output)
             per_output.append([])
             for index in range(params.n):
-                seq = _Sequence(f"{output.request_id}-{index}", _nth_params(params, index))
+                seq = _Sequence(
+                    f"{output.request_id}-{index}", params.for_sequence(index), self.tokenizer
+                )
                 self.engine.add_request(seq.request_id, token_ids, seq.params)
                 sequences[seq.request_id] = seq
                 per_output[-1].append(seq)
@@ -129,12 +137,18 @@ class LLM:
         seq.token_ids.extend(delta.new_token_ids)
         if delta.new_logprobs:
             seq.logprobs.extend(delta.new_logprobs)
-        if self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(
-                seq.token_ids, skip_special_tokens=seq.params.skip_special_tokens
-            )
-            if seq.params.stop and self._apply_stop_strings(seq):
-                self.engine.abort_request(seq.request_id)
+        if seq.detokenizer is not None:
+            finished = delta.finish_reason is not None
+            text = seq.detokenizer.add_tokens(delta.new_token_ids)
+            if finished:
+                text += seq.detokenizer.finish()
+            match = seq.stops.feed(text, final=finished)
+            seq.text += match.text
+            if match.stop is not None:
+                seq.finish_reason = "stop"
+                seq.stop_reason = match.stop
+                if not finished:
+                    self.engine.abort_request(seq.request_id)
                 return True
         if delta.finish_reason is not None:
             seq.finish_reason = delta.finish_reason.value
@@ -143,21 +157,3 @@ class LLM:
                 seq.stop_reason = request.stop_token_id
             return True
         return False
-
-    def _apply_stop_strings(self, seq: _Sequence) -> bool:
-        hits = [(seq.text.find(stop), stop) for stop in seq.params.stop]
-        hits = [(pos, stop) for pos, stop in hits if pos >= 0]
-        if not hits:
-            return False
-        pos, stop = min(hits)
-        end = pos + len(stop) if seq.params.include_stop_str_in_output else pos
-        seq.text = seq.text[:end]
-        seq.finish_reason = "stop"
-        seq.stop_reason = stop
-        return True
-
-
-def _nth_params(params: SamplingParams, index: int) -> SamplingParams:
-    """The i-th of ``n`` completions: n=1, and seed + i so that samples differ but reproduce."""
-    seed = params.seed + index if params.seed is not None else None
-    return replace(params, n=1, seed=seed)

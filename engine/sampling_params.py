@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,12 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def for_sequence(self, index: int) -> SamplingParams:
+        """The params of sequence ``index`` of ``n``: ``seed + index``, so samples differ but
+        the whole response reproduces for a given seed (sequence 0 keeps ``seed``)."""
+        seed = self.seed + index if self.seed is not None else None
+        return replace(self, n=1, seed=seed)
 
     @property
     def greedy(self) -> bool:

@@ -8,6 +8,8 @@ wrapper around one.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -46,6 +48,15 @@ class WorkerInfo:
     max_model_len: int
     block_size: int
     vocab_size: int
+    pid: int  # the worker's process
+    node_id: str | None  # the Ray node it runs on; None outside Ray
+
+
+def _ray_node_id() -> str | None:
+    ray = sys.modules.get("ray")  # the engine does not import Ray; a Ray actor already has
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
 
 
 class EngineWorker:
@@ -79,6 +90,8 @@ class EngineWorker:
             max_model_len=self.engine.max_model_len,
             block_size=self.block_size,
             vocab_size=self.engine.runner.geometry.vocab_size,
+            pid=os.getpid(),
+            node_id=_ray_node_id(),
         )
 
     async def stats(self) -> WorkerStats:

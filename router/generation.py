@@ -17,15 +17,14 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
+from engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from engine.outputs import RequestDelta
 from engine.request import FinishReason
-from engine.sampling_params import SamplingParams
 from engine.scheduler_output import TokenLogprobs
 from router.backend import BackendError, GenerateRequest, ServingBackend
-from router.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from router.metrics import RouterMetrics
 
 logger = logging.getLogger(__name__)
@@ -58,13 +57,6 @@ class SequenceUpdate:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
-
-
-def sequence_params(params: SamplingParams, index: int) -> SamplingParams:
-    """The params of sequence ``index`` of ``n``: ``seed + index``, so samples differ but the
-    whole response reproduces for a given seed (sequence 0 keeps ``seed``)."""
-    seed = params.seed + index if params.seed is not None and index > 0 else params.seed
-    return replace(params, n=1, seed=seed)
 
 
 class _Sequence:

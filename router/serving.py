@@ -3,8 +3,8 @@ sequence updates to response bodies and stream chunks.
 
 A request with ``P`` prompts and ``n`` choices becomes ``P * n`` backend requests with ids
 ``{request_id}-{choice_index}``; choice ``p * n + i`` is sample ``i`` of prompt ``p``
-(``seed + i``, see ``sequence_params``). Usage counts each prompt once; its cached tokens are
-those of the prompt's first sequence.
+(``seed + i``, see ``SamplingParams.for_sequence``). Usage counts each prompt once; its cached
+tokens are those of the prompt's first sequence.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from engine.scheduler_output import TokenLogprobs
 from router.backend import GenerateRequest, ServingBackend
 from router.chat import encode_completion_prompts, render_chat_prompt
-from router.generation import SequenceUpdate, sequence_params, stream_sequences
+from router.generation import SequenceUpdate, stream_sequences
 from router.metrics import RouterMetrics
 from router.protocol import (
     APIError,
@@ -117,7 +117,7 @@ class OpenAIServing:
                     GenerateRequest(
                         request_id=f"{request_id}-{index}",
                         prompt_token_ids=prompt_ids,
-                        sampling_params=sequence_params(params, i),
+                        sampling_params=params.for_sequence(i),
                         arrival_time=arrival_time,
                     )
                 )

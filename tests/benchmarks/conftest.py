@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fake_openai_server import FakeServer, start_fake_server, stop_fake_server
+
+from tests.benchmarks.fake_openai_server import FakeServer, start_fake_server, stop_fake_server
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import math
 from pathlib import Path
 
 import pytest
-from fake_openai_server import MODEL, FakeServer
 
 from benchmarks.serving.cli import add_bench_arguments, config_from_args, main, parse_rates
+from tests.benchmarks.fake_openai_server import MODEL, FakeServer
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

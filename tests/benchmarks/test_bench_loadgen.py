@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_openai_server import MODEL, REJECTED_MAX_TOKENS, FakeServer
 
 from benchmarks.serving.config import BenchConfig
 from benchmarks.serving.loadgen import arrival_offsets, run_benchmark, run_sweep
 from benchmarks.serving.metrics import RequestStatus, SLOConfig, e2e_latency, itls, ttft
 from benchmarks.serving.workloads import BenchRequest, WorkloadConfig, build_workload
+from tests.benchmarks.fake_openai_server import MODEL, REJECTED_MAX_TOKENS, FakeServer
 
 
 def config_for(server: FakeServer, **kwargs: object) -> BenchConfig:

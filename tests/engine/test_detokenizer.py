@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from engine.tokenizer import load_tokenizer
-from router.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 
 MULTILINGUAL = [
     "Hello 你好 world 🙂🎉 naïve café — done",
