@@ -113,9 +113,12 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,dummy-100m")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for both")
     parser.add_argument("--out", default="benchmarks/results/offline_throughput.json")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     results: dict[str, Any] = {
         "workload": vars(args),

@@ -112,6 +112,10 @@ class ParallelConfig:
     attention_backend: str = "auto"  # "auto": triton on CUDA, torch on CPU
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
+    # CPU: torch intra-op threads for this engine's process (None: torch's default, one per
+    # core). Workers sharing a machine should split the cores: oversubscribed OpenMP threads
+    # spin at barriers and make small ops 10-100x slower.
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -122,6 +126,10 @@ class ParallelConfig:
             self.attention_backend in ATTENTION_BACKENDS,
             f"attention_backend must be one of {ATTENTION_BACKENDS}, "
             f"got {self.attention_backend!r}",
+        )
+        _check(
+            self.num_threads is None or self.num_threads > 0,
+            f"num_threads must be positive, got {self.num_threads}",
         )
         _check(
             self.tensor_parallel_size == 1,

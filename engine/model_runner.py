@@ -50,6 +50,8 @@ class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = resolve_device(config.parallel.device)
+        if config.parallel.num_threads is not None:
+            torch.set_num_threads(config.parallel.num_threads)
         self.dtype = TORCH_DTYPES[config.model.dtype]
         self.block_size = config.cache.block_size
         self.attention_backend = get_attention_backend(

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from decode_worker.worker import DecodeWorker
@@ -165,9 +166,24 @@ class Cluster:
 
     def _worker_args(self, role: str, worker_id: str) -> tuple:
         config = self.config
+        engine = self._engine_config()
         if role == "prefill":
-            return (worker_id, config.engine, config.kv_transfer)
-        return (worker_id, config.engine, config.kv_transfer, config.kv_host)
+            return (worker_id, engine, config.kv_transfer)
+        return (worker_id, engine, config.kv_transfer, config.kv_host)
+
+    def _engine_config(self) -> EngineConfig:
+        """On CPU, Ray workers split this machine's cores unless --num-threads says otherwise:
+        each worker is its own process, and oversubscribed torch threads crawl."""
+        engine = self.config.engine
+        if (
+            self.config.runs_in_process
+            or engine.parallel.num_threads is not None
+            or engine.parallel.device.startswith("cuda")
+        ):
+            return engine
+        num_workers = self.config.effective_num_prefill + self.config.num_decode
+        num_threads = max(1, (os.cpu_count() or 1) // num_workers)
+        return replace(engine, parallel=replace(engine.parallel, num_threads=num_threads))
 
     def _make_worker(self, role: str, worker_id: str) -> PrefillWorker | DecodeWorker:
         cls = PrefillWorker if role == "prefill" else DecodeWorker
