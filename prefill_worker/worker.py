@@ -129,15 +129,21 @@ class PrefillWorker(EngineWorker):
         if future is None:
             raise KeyError(f"no transfer for request {request_id!r}")
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+            # Shielded: a timeout or a cancelled caller must not cancel the shared future,
+            # which other waiters (the router's transfer metrics) and the flush still need.
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout_s)
         finally:
             if future.done():
                 self._results.pop(request_id, None)
 
     async def abort(self, request_id: str) -> None:
-        self.sender.abort(request_id)
+        # The transfer leaves the loop thread before the sender drops it: a step in between
+        # would send a layer the sender refuses, and an error in a layer hook kills the loop.
+        try:
+            await self.run(lambda e: self._drop_transfer(e, request_id))
+        finally:
+            self.sender.abort(request_id)
         await super().abort(request_id)
-        await self.run(lambda e: self._drop_transfer(e, request_id))
         future = self._results.pop(request_id, None)
         if future is not None and not future.done():
             future.set_exception(RuntimeError(f"request {request_id!r} was aborted"))

@@ -241,7 +241,7 @@ class ClusterBackend:
                 f"context length is {self.max_model_len}"
             )
         decode_workers = [
-            _decode_snapshot(self._stats[w.worker_id])
+            self._decode_snapshot(w.worker_id)
             for w in self.cluster.decode
             if w.worker_id in self._stats
         ]
@@ -253,6 +253,19 @@ class ClusterBackend:
             if w.worker_id in self._stats
         ]
         return self.policy.choose(request.prompt_token_ids, decode_workers, prefill_workers)
+
+    def _decode_snapshot(self, worker_id: str) -> DecodeWorkerSnapshot:
+        stats = self._stats[worker_id]
+        # Requests sent since the last stats refresh are not in ``stats`` yet: without them, a
+        # burst of requests would all go to the same worker. Count them as waiting.
+        in_flight = sum(1 for f in self._inflight.values() if f.decode.worker_id == worker_id)
+        return DecodeWorkerSnapshot(
+            worker_id=stats.worker_id,
+            num_free_blocks=stats.num_free_blocks,
+            num_total_blocks=stats.num_total_blocks,
+            num_running=stats.num_running,
+            num_waiting=max(stats.num_waiting + stats.num_reserved, in_flight - stats.num_running),
+        )
 
     def _queued(self, worker_id: str) -> int:
         stats = self._stats[worker_id]
@@ -297,16 +310,6 @@ class ClusterBackend:
 
     def worker_stats(self) -> dict[str, WorkerStats]:
         return dict(self._stats)
-
-
-def _decode_snapshot(stats: WorkerStats) -> DecodeWorkerSnapshot:
-    return DecodeWorkerSnapshot(
-        worker_id=stats.worker_id,
-        num_free_blocks=stats.num_free_blocks,
-        num_total_blocks=stats.num_total_blocks,
-        num_running=stats.num_running,
-        num_waiting=stats.num_waiting + stats.num_reserved,
-    )
 
 
 def _as_backend_error(error: Exception) -> Exception:
