@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -66,7 +67,9 @@ class DecodeWorker(EngineWorker):
         super().__init__(worker_id, engine_config)
         self.kv_config = kv_config
         transport = get_transport(kv_config.transport)
-        address = f"{kv_host}:0" if kv_config.transport == "grpc" else f"decode-{worker_id}"
+        # The local transport's names are per process: unique, so two clusters can coexist.
+        local_name = f"{worker_id}-{uuid.uuid4().hex[:8]}"
+        address = f"{kv_host}:0" if kv_config.transport == "grpc" else local_name
         self.receiver = transport.create_receiver(
             self.engine.runner.kv_caches,
             kv_config,

@@ -140,6 +140,7 @@ class AsyncEngine:
             while True:
                 idle = not self.engine.has_schedulable_requests()
                 if not self._drain_commands(block=idle):
+                    self._close_streams(EngineDeadError("the engine was shut down"))
                     return
                 if self.engine.has_schedulable_requests():
                     for delta in self.engine.step(self._on_layer):
@@ -149,10 +150,14 @@ class AsyncEngine:
         except BaseException as error:  # reported to every open stream, then re-raised
             logger.exception("engine loop failed")
             self.error = error
-            for request_id in list(self._streams):
-                self._deliver_error(request_id, error)
+            self._close_streams(error)
             self._fail_pending_commands(error)
             raise
+
+    def _close_streams(self, error: BaseException) -> None:
+        """Every open stream raises ``error`` to its reader: nobody waits forever."""
+        for request_id in list(self._streams):
+            self._deliver_error(request_id, error)
 
     def _drain_commands(self, block: bool) -> bool:
         """Run queued commands; when idle, wait briefly for one. False means stop."""

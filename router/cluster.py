@@ -133,6 +133,10 @@ class Cluster:
         import ray
 
         if ray.is_initialized():
+            if self.config.address:
+                logger.warning(
+                    "Ray is already initialized here: --address %s is not used", self.config.address
+                )
             return
         if self.config.address:
             ray.init(address=self.config.address, log_to_driver=True)

@@ -7,6 +7,8 @@ import dataclasses
 import logging
 import typing
 
+from fastapi import FastAPI
+
 from engine.config import EngineConfig
 from engine.loader import resolve_model_path
 from engine.tiny import TINY_MODEL_LABEL, TINY_MODEL_NAME
@@ -55,6 +57,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=BackendConfig.local_prefill_threshold,
         help="prefill on the decode worker when at most this many prompt tokens are uncached",
     )
+    group.add_argument(
+        "--affinity-max-queue-gap",
+        type=int,
+        default=BackendConfig.affinity_max_queue_gap,
+        help="a prefill worker holding the prompt's prefix wins unless its queue is this much "
+        "longer than the shortest",
+    )
     group.add_argument("--admission-timeout-s", type=float, default=30.0)
 
     group = parser.add_argument_group("kv transfer")
@@ -100,14 +109,16 @@ def build_backend(args: argparse.Namespace, engine: EngineConfig) -> ClusterBack
             enable_local_prefill=args.enable_local_prefill,
             local_prefill_threshold=args.local_prefill_threshold,
             admission_timeout_s=args.admission_timeout_s,
+            affinity_max_queue_gap=args.affinity_max_queue_gap,
         ),
         RouterMetrics(),
     )
 
 
-def run_serve(args: argparse.Namespace, engine: EngineConfig) -> int:
-    import uvicorn
-
+def build_app_from_args(
+    args: argparse.Namespace, engine: EngineConfig
+) -> tuple[FastAPI, ClusterBackend]:
+    """The app ``pdserve serve`` runs (its lifespan starts and stops the cluster)."""
     backend = build_backend(args, engine)
     tokenizer = load_tokenizer(
         engine.model.tokenizer or resolve_model_path(engine.model.model),
@@ -123,6 +134,13 @@ def run_serve(args: argparse.Namespace, engine: EngineConfig) -> int:
         ),
         backend.metrics,
     )
+    return app, backend
+
+
+def run_serve(args: argparse.Namespace, engine: EngineConfig) -> int:
+    import uvicorn
+
+    app, _ = build_app_from_args(args, engine)
     model = engine.model.model
     shape = (
         f"{args.num_decode} colocated worker(s)"

@@ -54,6 +54,7 @@ class BackendConfig:
 
     enable_local_prefill: bool = True
     local_prefill_threshold: int = 64  # uncached prompt tokens at most this: prefill on D
+    affinity_max_queue_gap: int = 4  # queued requests a prefix-affinity choice may exceed by
     admission_timeout_s: float = 30.0  # how long a request waits for KV room on D
     stats_interval_s: float = 0.25
     health_interval_s: float = 5.0
@@ -72,6 +73,7 @@ class BackendConfig:
 class _InFlight:
     decode: WorkerHandle
     prefill: WorkerHandle | None
+    prefilling: bool = True  # False once P returned the first token: P's queue is free of it
 
 
 class ClusterBackend:
@@ -104,6 +106,7 @@ class ClusterBackend:
                 block_size=self.info.block_size,
                 enable_local_prefill=self.config.enable_local_prefill,
                 local_prefill_threshold=self.config.local_prefill_threshold,
+                affinity_max_queue_gap=self.config.affinity_max_queue_gap,
             )
         )
         await self.refresh_stats()
@@ -170,6 +173,9 @@ class ClusterBackend:
             reservation.target,
             reservation.num_skip_blocks,
         )
+        inflight = self._inflight.get(request_id)
+        if inflight is not None:
+            inflight.prefilling = False
         self._spawn(self._observe_transfer(prefill, request_id))
         yield RequestDelta(
             request_id=request_id,
@@ -270,7 +276,9 @@ class ClusterBackend:
     def _queued(self, worker_id: str) -> int:
         stats = self._stats[worker_id]
         in_flight = sum(
-            1 for f in self._inflight.values() if f.prefill and f.prefill.worker_id == worker_id
+            1
+            for f in self._inflight.values()
+            if f.prefilling and f.prefill is not None and f.prefill.worker_id == worker_id
         )
         return max(stats.num_waiting + stats.num_running, in_flight)
 

@@ -32,16 +32,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine.arg_utils import engine_config_from_args
 from engine.llm import LLM
-from engine.loader import resolve_model_path
 from engine.sampling_params import SamplingParams
-from engine.tokenizer import load_tokenizer
 from engine.worker import WorkerInfo, WorkerStats
-from router.api import RouterConfig, build_app
 from router.backends.cluster import ClusterBackend
 from router.chat import encode_completion_prompts, render_chat_prompt
 from router.cli import build_parser
 from router.protocol import ChatMessage
-from router.serve import build_backend
+from router.serve import build_app_from_args
 
 # Test clusters listen on loopback only: no token authentication. It must be one mode for
 # every cluster this process attaches to (Ray keeps the mode of its first ``ray.init``), and
@@ -259,11 +256,8 @@ def serve(argv: list[str]) -> Iterator[Server]:
 
     On exit the server and its workers shut down; Ray workers' processes must be gone.
     """
-    args = parse_serve_args([*ENGINE_ARGS, *argv])
-    engine = engine_config_from_args(args)
-    backend = build_backend(args, engine)
-    tokenizer = load_tokenizer(engine.model.tokenizer or resolve_model_path(engine.model.model))
-    app = build_app(backend, tokenizer, RouterConfig(request_timeout_s=120.0), backend.metrics)
+    args = parse_serve_args([*ENGINE_ARGS, "--request-timeout-s", "120", *argv])
+    app, backend = build_app_from_args(args, engine_config_from_args(args))
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
     )
