@@ -110,8 +110,16 @@ class AsyncEngine:
     async def stream_deltas(
         self, request_id: str, stream: asyncio.Queue
     ) -> AsyncIterator[RequestDelta]:
+        """Yield the request's deltas; those already queued are merged into one, so a reader
+        slower than the engine (a Ray stream, a busy router) gets fewer, larger messages."""
         while True:
             item = await stream.get()
+            while isinstance(item, RequestDelta) and not item.finished and not stream.empty():
+                queued = stream.get_nowait()
+                if not isinstance(queued, RequestDelta):
+                    stream.put_nowait(queued)  # an error: raised after this delta
+                    break
+                item = item.merge(queued)
             if isinstance(item, BaseException):
                 self._streams.pop(request_id, None)
                 raise EngineDeadError(f"the engine loop died: {item!r}") from item

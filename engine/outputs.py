@@ -23,6 +23,20 @@ class RequestDelta:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def merge(self, later: RequestDelta) -> RequestDelta:
+        """This delta followed by ``later`` of the same request, as one delta."""
+        logprobs = None
+        if self.new_logprobs is not None or later.new_logprobs is not None:
+            logprobs = (self.new_logprobs or []) + (later.new_logprobs or [])
+        return RequestDelta(
+            request_id=self.request_id,
+            new_token_ids=self.new_token_ids + later.new_token_ids,
+            new_logprobs=logprobs,
+            finish_reason=later.finish_reason,
+            num_prompt_tokens=later.num_prompt_tokens,
+            num_cached_tokens=later.num_cached_tokens,
+        )
+
 
 @dataclass
 class CompletionOutput:

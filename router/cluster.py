@@ -19,6 +19,8 @@ import asyncio
 import json
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -138,10 +140,16 @@ class Cluster:
                     "Ray is already initialized here: --address %s is not used", self.config.address
                 )
             return
+        # ray.init installs its own SIGTERM handler, which would skip the server's graceful
+        # shutdown (uvicorn's handler: stop serving, then the lifespan stops the workers).
+        main_thread = threading.current_thread() is threading.main_thread()
+        sigterm_handler = signal.getsignal(signal.SIGTERM) if main_thread else None
         if self.config.address:
             ray.init(address=self.config.address, log_to_driver=True)
         else:
             ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        if main_thread and sigterm_handler is not None:
+            signal.signal(signal.SIGTERM, sigterm_handler)
         self._started_ray = True
 
     async def _create(self, role: str, worker_id: str) -> WorkerHandle:
