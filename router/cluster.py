@@ -184,12 +184,14 @@ class Cluster:
         return (worker_id, engine, config.kv_transfer, config.kv_host)
 
     def _engine_config(self) -> EngineConfig:
-        """On CPU, Ray workers split this machine's cores unless --num-threads says otherwise:
-        each worker is its own process, and oversubscribed torch threads crawl."""
+        """On CPU, Ray workers split this machine's cores unless --num-threads (or
+        OMP_NUM_THREADS) says otherwise: each worker is its own process, and oversubscribed
+        torch threads crawl."""
         engine = self.config.engine
         if (
             self.config.runs_in_process
             or engine.parallel.num_threads is not None
+            or "OMP_NUM_THREADS" in os.environ
             or engine.parallel.device.startswith("cuda")
         ):
             return engine
