@@ -13,8 +13,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from engine.tokenizer import load_tokenizer
 from engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from engine.tokenizer import load_tokenizer
 
 MULTILINGUAL = [
     "Hello 你好 world 🙂🎉 naïve café — done",
