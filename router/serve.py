@@ -65,6 +65,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "longer than the shortest",
     )
     group.add_argument("--admission-timeout-s", type=float, default=30.0)
+    group.add_argument(
+        "--health-interval-s",
+        type=float,
+        default=BackendConfig.health_interval_s,
+        help="how often workers are health-checked (failing ones are replaced)",
+    )
 
     group = parser.add_argument_group("kv transfer")
     hints = typing.get_type_hints(KVTransferConfig)
@@ -110,6 +116,7 @@ def build_backend(args: argparse.Namespace, engine: EngineConfig) -> ClusterBack
             local_prefill_threshold=args.local_prefill_threshold,
             admission_timeout_s=args.admission_timeout_s,
             affinity_max_queue_gap=args.affinity_max_queue_gap,
+            health_interval_s=args.health_interval_s,
         ),
         RouterMetrics(),
     )

@@ -1,0 +1,58 @@
+"""A decode worker's reservation is leased: if nobody turns it into a decode (the router died,
+the prefill worker never sent), its blocks come back by themselves."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from decode_worker.worker import DecodeWorker, KVTransferFailedError, NoCapacityError
+from engine.arg_utils import engine_config_from_kwargs
+from engine.sampling_params import SamplingParams
+from kv_transfer.base import KVTransferConfig
+
+PARAMS = SamplingParams(temperature=0.0, max_tokens=4)
+NUM_BLOCKS = 8  # of 16 tokens
+
+
+@pytest.fixture
+def worker():
+    config = engine_config_from_kwargs(device="cpu", num_gpu_blocks_override=NUM_BLOCKS)
+    worker = DecodeWorker("d0", config, KVTransferConfig(transport="local", lease_s=0.5))
+    yield worker
+    worker.shutdown()
+
+
+def test_an_unused_reservation_expires_and_frees_its_blocks(worker: DecodeWorker) -> None:
+    async def main() -> None:
+        baseline = (await worker.stats()).num_free_blocks
+        reservation = await worker.reserve("r", list(range(5, 45)), PARAMS)  # 40 tokens
+        assert reservation.target is not None and len(reservation.target.block_ids) == 3
+        stats = await worker.stats()
+        assert (stats.num_reserved, stats.num_free_blocks) == (1, baseline - 3)
+        deadline = time.monotonic() + 10
+        while (await worker.stats()).num_reserved:
+            assert time.monotonic() < deadline, "the reservation never expired"
+            await asyncio.sleep(0.05)
+        assert (await worker.stats()).num_free_blocks == baseline
+        # A decode that comes too late is refused, not served from freed blocks.
+        with pytest.raises(KVTransferFailedError):
+            async for _ in worker.decode("r", first_token_id=7, timeout_s=1):
+                pass
+
+    asyncio.run(main())
+
+
+def test_no_room_is_refused_and_keeps_nothing(worker: DecodeWorker) -> None:
+    async def main() -> None:
+        await worker.reserve("a", list(range(5, 5 + 16 * 6)), PARAMS)  # 6 of 8 blocks
+        with pytest.raises(NoCapacityError):
+            await worker.reserve("b", list(range(200, 200 + 16 * 4)), PARAMS)
+        stats = await worker.stats()
+        assert (stats.num_reserved, stats.num_free_blocks) == (1, NUM_BLOCKS - 6)
+        await worker.abort("a")
+        assert (await worker.stats()).num_free_blocks == NUM_BLOCKS
+
+    asyncio.run(main())
