@@ -11,11 +11,14 @@ import asyncio
 import os
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.outputs import RequestDelta
 from engine.scheduler_output import SchedulerOutput
 
 
@@ -57,6 +60,15 @@ def _ray_node_id() -> str | None:
     if ray is None or not ray.is_initialized():
         return None
     return ray.get_runtime_context().get_node_id()
+
+
+@dataclass(frozen=True)
+class StreamError:
+    """A request's stream failed on the worker; sent in place of its next delta."""
+
+    request_id: str
+    kind: str  # the exception's class name
+    message: str
 
 
 class EngineWorker:
@@ -120,6 +132,46 @@ class EngineWorker:
 
     async def abort(self, request_id: str) -> None:
         await self.loop.abort(request_id)
+
+    # -- one output channel for remote callers -------------------------------------------
+    #
+    # In process, callers iterate a request's async generator (``decode``,
+    # ``generate_local``) directly. Across processes one message per request per token is
+    # expensive (a Ray streaming item costs ~1 ms of CPU), so a remote caller starts the
+    # generator here with ``start_stream`` and reads every request's deltas, batched per
+    # wake-up, from one long-lived ``outputs`` stream. One reader per worker.
+
+    def _outbox_queue(self) -> asyncio.Queue:
+        if getattr(self, "_outbox", None) is None:
+            self._outbox: asyncio.Queue = asyncio.Queue()
+            self._pumps: set[asyncio.Task] = set()
+        return self._outbox
+
+    async def start_stream(self, method: str, request_id: str, *args: Any) -> None:
+        """Run ``method(request_id, *args)`` (an async generator of deltas) in the background;
+        its deltas, or a ``StreamError``, go out through ``outputs``."""
+        outbox = self._outbox_queue()
+        stream = getattr(self, method)(request_id, *args)
+
+        async def pump() -> None:
+            try:
+                async for delta in stream:
+                    outbox.put_nowait(delta)
+            except Exception as error:
+                outbox.put_nowait(StreamError(request_id, type(error).__name__, str(error)))
+
+        task = asyncio.create_task(pump())
+        self._pumps.add(task)
+        task.add_done_callback(self._pumps.discard)
+
+    async def outputs(self) -> AsyncIterator[list[RequestDelta | StreamError]]:
+        """Every started stream's deltas, in order, as lists of what was ready together."""
+        outbox = self._outbox_queue()
+        while True:
+            batch = [await outbox.get()]
+            while not outbox.empty():
+                batch.append(outbox.get_nowait())
+            yield batch
 
     def shutdown(self) -> None:
         self.loop.shutdown()
