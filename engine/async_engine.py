@@ -130,16 +130,19 @@ class AsyncEngine:
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request; a reader still waiting on its stream gets a final ABORT delta."""
-        entry = self._streams.pop(request_id, None)
-        if entry is not None:
-            loop, stream = entry
-            loop.call_soon_threadsafe(
-                stream.put_nowait,
-                RequestDelta(request_id, [], None, FinishReason.ABORT, 0, num_cached_tokens=0),
-            )
+        self.close_stream(request_id)
         if not self.is_running:
             return False
         return await asyncio.wrap_future(self.call(lambda e: e.abort_request(request_id)))
+
+    def close_stream(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> None:
+        """End a request's stream with a final token-less delta (from any thread): for a
+        request the engine dropped by itself, or one being aborted."""
+        entry = self._streams.pop(request_id, None)
+        if entry is not None:
+            loop, stream = entry
+            final = RequestDelta(request_id, [], None, reason, 0, num_cached_tokens=0)
+            loop.call_soon_threadsafe(stream.put_nowait, final)
 
     # -- the loop thread ---------------------------------------------------------------
 
@@ -201,12 +204,6 @@ class AsyncEngine:
         if entry is not None:
             loop, stream = entry
             loop.call_soon_threadsafe(stream.put_nowait, delta)
-
-    def deliver_finish(self, request_id: str, reason: FinishReason, num_prompt_tokens: int) -> None:
-        """Close a stream from the loop thread without a token (e.g. a request aborted by D)."""
-        self._deliver(
-            RequestDelta(request_id, [], None, reason, num_prompt_tokens, num_cached_tokens=0)
-        )
 
     def _deliver_error(self, request_id: str, error: BaseException) -> None:
         entry = self._streams.get(request_id)

@@ -4,6 +4,8 @@ Layout (the one definition; KV transfer imports it): per layer
 ``[2, num_blocks, block_size, num_kv_heads, head_dim]``, K at index 0 and V at index 1. All
 layers live in one contiguous ``[num_layers, 2, ...]`` tensor; each layer's cache is a
 contiguous view of it. The cache is zero-filled, so a padded read never meets NaN.
+``gather_blocks`` / ``scatter_blocks`` move some blocks of a layer to and from a packed
+``[n, 2, block_size, num_kv_heads, head_dim]`` buffer (the order KV transfer ships).
 
 Sizing (``num_blocks_for_budget``):
 
@@ -24,6 +26,13 @@ from engine.config import CacheConfig
 
 logger = logging.getLogger(__name__)
 
+# Config dtype names (``ModelConfig.dtype``, the wire's dtype names) and their torch dtypes.
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
 DEFAULT_CPU_KV_CACHE_GIB = 1.0
 _GIB = 1 << 30
 
@@ -33,6 +42,43 @@ def kv_cache_shape(
 ) -> tuple[int, int, int, int, int]:
     """The shape of one layer's cache."""
     return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+
+def gather_blocks(
+    kv_layer: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    block_ids: torch.Tensor,  # [n] int64, on kv_layer's device
+    out: torch.Tensor | None = None,  # [n, 2, block_size, num_kv_heads, head_dim]
+) -> torch.Tensor:  # [n, 2, block_size, num_kv_heads, head_dim], contiguous
+    """Pack blocks of one layer into ``[n, 2, block_size, num_kv_heads, head_dim]``: for each
+    block id in order, its K then its V (what KV transfer ships; the Triton ``kv_pack``
+    kernel does the same on CUDA).
+
+    Each block's K (and V) must be contiguous in the cache, as the engine allocates it. The
+    flat 3-D ``index_select`` into a contiguous ``out`` is a row copy: ~10x faster on CPU
+    than selecting on the 5-D transposed view.
+    """
+    num_kv, num_blocks = kv_layer.shape[:2]
+    rows = kv_layer.view(num_kv, num_blocks, -1).transpose(0, 1)  # [num_blocks, 2, B*H*D]
+    if out is None:
+        shape = (block_ids.shape[0], *kv_layer.shape[:1], *kv_layer.shape[2:])
+        out = torch.empty(shape, dtype=kv_layer.dtype, device=kv_layer.device)
+    torch.index_select(rows, 0, block_ids, out=out.view(block_ids.shape[0], num_kv, -1))
+    return out
+
+
+def scatter_blocks(
+    packed: torch.Tensor,  # [n, 2, block_size, num_kv_heads, head_dim]
+    kv_layer: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    block_ids: torch.Tensor,  # [n] int64, on kv_layer's device
+) -> None:
+    """Write a packed buffer into blocks of one layer: the inverse of ``gather_blocks``.
+
+    One ``index_copy_`` per K and V into the contiguous half of the cache: on the transposed
+    view, ``index_copy_`` would copy the whole layer.
+    """
+    packed = packed.to(kv_layer.device)
+    for kv in range(kv_layer.shape[0]):
+        kv_layer[kv].index_copy_(0, block_ids, packed[:, kv])
 
 
 def bytes_per_block(

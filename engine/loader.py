@@ -26,13 +26,13 @@ from transformers import AutoConfig
 
 from engine.attention.base import AttentionBackend
 from engine.config import ModelConfig
+from engine.kv_cache import TORCH_DTYPES
 from engine.models.llama import LlamaForCausalLM, effective_sliding_window
 from engine.models.registry import get_model_class
 from engine.tiny import TINY_MODEL_NAME, materialize_tiny_model
 
 logger = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DUMMY_STD = 0.02
 _PROGRESS_MIN_BYTES = 1 << 30  # no progress bar for checkpoints under 1 GiB
 

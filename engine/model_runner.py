@@ -22,8 +22,8 @@ import torch
 from engine.attention import AttentionMetadata, get_attention_backend
 from engine.config import EngineConfig
 from engine.cuda_graphs import DEFAULT_MAX_SEQ_LEN_TO_CAPTURE, CudaGraphDecodeRunner
-from engine.kv_cache import allocate_kv_caches, num_blocks_for_budget
-from engine.loader import TORCH_DTYPES, load_model, resolve_model_path
+from engine.kv_cache import TORCH_DTYPES, allocate_kv_caches, num_blocks_for_budget
+from engine.loader import load_model, resolve_model_path
 from engine.request import Request
 from engine.sampler import Sampler, build_sampling_metadata, make_generator
 from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput

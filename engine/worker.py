@@ -81,6 +81,10 @@ class EngineWorker:
         self._started = time.monotonic()
         # Roles start the loop at the end of their own __init__, once their hooks can run.
         self.loop = AsyncEngine(self.engine, on_layer=self._on_layer, on_step=self._on_step)
+        # The remote output channel (``start_stream`` / ``outputs``). An asyncio.Queue binds
+        # to the event loop that first awaits it, so creating it here is safe.
+        self._outbox: asyncio.Queue[RequestDelta | StreamError] = asyncio.Queue()
+        self._pumps: set[asyncio.Task] = set()
 
     # Hooks for the roles; both run on the loop thread.
     def _on_layer(self, step: SchedulerOutput, layer: int) -> None:
@@ -141,16 +145,10 @@ class EngineWorker:
     # generator here with ``start_stream`` and reads every request's deltas, batched per
     # wake-up, from one long-lived ``outputs`` stream. One reader per worker.
 
-    def _outbox_queue(self) -> asyncio.Queue:
-        if getattr(self, "_outbox", None) is None:
-            self._outbox: asyncio.Queue = asyncio.Queue()
-            self._pumps: set[asyncio.Task] = set()
-        return self._outbox
-
     async def start_stream(self, method: str, request_id: str, *args: Any) -> None:
         """Run ``method(request_id, *args)`` (an async generator of deltas) in the background;
         its deltas, or a ``StreamError``, go out through ``outputs``."""
-        outbox = self._outbox_queue()
+        outbox = self._outbox
         stream = getattr(self, method)(request_id, *args)
 
         async def pump() -> None:
@@ -166,7 +164,7 @@ class EngineWorker:
 
     async def outputs(self) -> AsyncIterator[list[RequestDelta | StreamError]]:
         """Every started stream's deltas, in order, as lists of what was ready together."""
-        outbox = self._outbox_queue()
+        outbox = self._outbox
         while True:
             batch = [await outbox.get()]
             while not outbox.empty():

@@ -80,7 +80,6 @@ class PrefillWorker(EngineWorker):
             self.engine.runner.kv_caches, kv_config
         )
         self.num_layers = self.engine.runner.geometry.num_layers
-        self._block_nbytes = self.sender.layout.block_nbytes
         self._transfers: dict[str, _Transfer] = {}  # loop thread only
         self._results: dict[str, Future[TransferStats]] = {}
         self.loop.start()
@@ -187,7 +186,7 @@ class PrefillWorker(EngineWorker):
     def _finish_transfer(self, request_id: str, transfer: _Transfer) -> None:
         del self._transfers[request_id]
         flushed = self.sender.flush(request_id)
-        num_bytes = transfer.num_blocks_sent * self._block_nbytes * self.num_layers
+        num_bytes = transfer.num_blocks_sent * self.sender.layout.block_nbytes * self.num_layers
 
         def on_flushed(done: Future[TransferResult]) -> None:
             self.loop.call(lambda e: e.scheduler.kv_cache_manager.unpin(transfer.pinned))

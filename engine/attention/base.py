@@ -11,8 +11,8 @@ V at index 1); see ``engine.kv_cache``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
@@ -32,6 +32,9 @@ class AttentionMetadata:
     # Host copies, so backends that loop per sequence do not sync with the device.
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Backend-private values derived from this metadata, computed by the first layer of the
+    # step and reused by the others (e.g. the torch backend's decode mask).
+    per_step: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:

@@ -99,15 +99,18 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:  # [num_decodes, num_heads, head_dim]
         num_decodes = query.shape[0]
         block_size = kv_cache.shape[2]
-        max_len = max(metadata.seq_lens_cpu[:num_decodes])
-        num_blocks = -(-max_len // block_size)
-        block_ids = metadata.block_tables[:num_decodes, :num_blocks]
+        if "torch_decode" not in metadata.per_step:  # the same for every layer of the step
+            max_len = max(metadata.seq_lens_cpu[:num_decodes])
+            num_blocks = -(-max_len // block_size)
+            positions = torch.arange(num_blocks * block_size, device=query.device)
+            mask = positions[None, :] < metadata.seq_lens[:num_decodes, None]
+            block_ids = metadata.block_tables[:num_decodes, :num_blocks]
+            metadata.per_step["torch_decode"] = (block_ids, mask[:, None, None, :])
+        block_ids, mask = metadata.per_step["torch_decode"]
         # [num_decodes, num_kv_heads, num_blocks * block_size, head_dim]
         keys = _gather_blocks(kv_cache[0], block_ids).transpose(1, 2)
         values = _gather_blocks(kv_cache[1], block_ids).transpose(1, 2)
-        positions = torch.arange(num_blocks * block_size, device=query.device)
-        mask = positions[None, :] < metadata.seq_lens[:num_decodes, None]
-        out = _attend(query.unsqueeze(2), keys, values, mask[:, None, None, :], scale)
+        out = _attend(query.unsqueeze(2), keys, values, mask, scale)
         return out.squeeze(2)
 
     def _prefill(

@@ -23,23 +23,14 @@ import triton
 import triton.language as tl
 
 from engine.kernels._checks import check_kv_cache, check_same_device
+from engine.kv_cache import gather_blocks, scatter_blocks
 
 BLOCK = 2048  # elements per program
 
 
-def kv_pack_reference(
-    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
-    block_ids: torch.Tensor,  # [n] int32 or int64
-) -> torch.Tensor:  # [n, 2, block_size, num_kv_heads, head_dim]
-    return kv_cache[:, block_ids.long()].transpose(0, 1).contiguous()
-
-
-def kv_unpack_reference(
-    buffer: torch.Tensor,  # [n, 2, block_size, num_kv_heads, head_dim]
-    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
-    block_ids: torch.Tensor,  # [n] int32 or int64
-) -> None:
-    kv_cache[:, block_ids.long()] = buffer.transpose(0, 1)
+# The torch reference is the engine's own packing (also KV transfer's path off CUDA).
+kv_pack_reference = gather_blocks
+kv_unpack_reference = scatter_blocks
 
 
 @triton.jit

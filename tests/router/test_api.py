@@ -63,7 +63,7 @@ class Served:
 
         def drop(engine) -> None:  # on the engine's loop thread
             engine.abort_request(request_id)
-            worker.loop.deliver_finish(request_id, FinishReason.ABORT, num_prompt_tokens=1)
+            worker.loop.close_stream(request_id, FinishReason.ABORT)
 
         worker.loop.call(drop).result(timeout=10)
 
