@@ -13,7 +13,7 @@ from __future__ import annotations
 from google.protobuf.message import DecodeError
 
 from kv_transfer.base import InvalidChunkError, KVChunk, TransferResult
-from proto import kv_transfer_pb2
+from kv_transfer.pb import kv_transfer_pb2
 
 _SERVICE = kv_transfer_pb2.DESCRIPTOR.services_by_name["KVTransfer"]
 SERVICE_NAME = _SERVICE.full_name  # "pdserve.kv_transfer.KVTransfer"

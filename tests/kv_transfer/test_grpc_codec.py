@@ -6,7 +6,7 @@ import pytest
 
 from kv_transfer import grpc_codec
 from kv_transfer.base import InvalidChunkError, KVChunk, TransferResult
-from proto import kv_transfer_pb2
+from kv_transfer.pb import kv_transfer_pb2
 
 SIZES = [0, 1, 127, 128, 300, 16384, 1 << 20]
 

@@ -14,8 +14,8 @@ import torch
 from kv_transfer import KVTransferConfig, TransferStatus, get_transport
 from kv_transfer.base import ChecksumError, TransferFailedError, TransportError
 from kv_transfer.layout import KVLayout, cache_layer_shape, gather_blocks, payload_bytes
+from kv_transfer.pb import kv_transfer_pb2, kv_transfer_pb2_grpc
 from kv_transfer.receiver import KVReceiver
-from proto import kv_transfer_pb2, kv_transfer_pb2_grpc
 
 pytestmark = [
     pytest.mark.timeout(60),

@@ -1,12 +1,12 @@
-"""Regenerate the committed Python code for the ``.proto`` files in this folder.
+"""Regenerate the committed Python code for the ``.proto`` files in the repo's ``proto/`` folder.
 
-    .venv/bin/python -m proto.generate
+    .venv/bin/python -m kv_transfer.pb.generate
 
 Runs ``grpc_tools.protoc`` (grpcio-tools, pinned in constraints.txt) and rewrites the
-generated ``*_pb2_grpc.py`` import to a relative one, so ``from proto import kv_transfer_pb2``
-and ``from proto import kv_transfer_pb2_grpc`` work from the repo root and when installed.
-``tests/proto/test_generated_fresh.py`` regenerates into a temporary folder and fails when the
-committed files differ.
+generated ``*_pb2_grpc.py`` import to a relative one, so ``kv_transfer.pb.kv_transfer_pb2``
+and ``kv_transfer.pb.kv_transfer_pb2_grpc`` import from the repo root and when installed.
+``tests/kv_transfer/test_generated_fresh.py`` regenerates into a temporary folder and fails
+when the committed files differ.
 """
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ import re
 import sys
 from pathlib import Path
 
-PROTO_DIR = Path(__file__).resolve().parent
+OUT_DIR = Path(__file__).resolve().parent
+# The schema stays in the repo's language-neutral proto/ folder (a source checkout only).
+PROTO_DIR = OUT_DIR.parents[1] / "proto"
 PROTO_FILES = ("kv_transfer.proto",)
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
 logger = logging.getLogger(__name__)
 
-# protoc writes `import kv_transfer_pb2 as kv__transfer__pb2`, which only works with proto/ on
+# protoc writes `import kv_transfer_pb2 as kv__transfer__pb2`, which only works with the folder on
 # sys.path; the package-relative form works wherever the package is importable.
 _ABSOLUTE_PB2_IMPORT = re.compile(r"^import (\w+_pb2) as (\w+)$", flags=re.MULTILINE)
 
@@ -37,7 +39,7 @@ def generated_paths(out_dir: Path) -> list[Path]:
     ]
 
 
-def generate(out_dir: Path = PROTO_DIR) -> list[Path]:
+def generate(out_dir: Path = OUT_DIR) -> list[Path]:
     """Compile every proto in ``PROTO_FILES`` into ``out_dir``; returns the written files."""
     from grpc_tools import protoc
 

@@ -1,1 +1,0 @@
-"""Wire contracts (.proto) and their generated Python code."""
