@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install serve test test-slow test-all lint format bench clean
+.PHONY: install serve test test-slow test-all lint format bench clean deploy-tools
 
 install: $(STAMP)
 
@@ -27,7 +27,19 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 serve: $(STAMP)
 	$(BIN)/pdserve serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+# The real `ray up` test (tests/deploy) needs sshd, rsync, nc, nsenter/unshare and ip:
+# installed with apt when missing (CI runs as root).
+DEPLOY_TOOLS := sshd:openssh-server ssh:openssh-client rsync:rsync nc:netcat-openbsd \
+	nsenter:util-linux unshare:util-linux ip:iproute2
+deploy-tools:
+	@missing=$$(for t in $(DEPLOY_TOOLS); do PATH="$$PATH:/usr/sbin" command -v $${t%%:*} >/dev/null \
+		|| echo $${t#*:}; done | sort -u); \
+	if [ -n "$$missing" ]; then \
+		echo "installing $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+test: $(STAMP) deploy-tools
 	$(BIN)/ruff check --quiet .
 	$(BIN)/ruff format --check --quiet .
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)

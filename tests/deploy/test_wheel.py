@@ -10,9 +10,7 @@ top-level ``proto`` package, which ``ray[default]`` installs.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
+import json
 import sys
 import sysconfig
 import venv
@@ -20,69 +18,32 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.deploy.conftest import REPO, clean_env, run
+
 FIRST_PARTY = (
-    "engine",
-    "kv_transfer",
-    "kv_transfer.pb",
-    "prefill_worker",
-    "decode_worker",
-    "router",
-)
-
-
-def _run(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float) -> str:
-    done = subprocess.run(
-        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s
-    )
-    assert done.returncode == 0, (
-        f"{command} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
-    )
-    return done.stdout
+    "engine", "kv_transfer", "kv_transfer.pb", "prefill_worker", "decode_worker", "router",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("wheel")
-    source = root / "src"
-    tracked = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True
-    ).stdout.split(b"\0")
-    for name in filter(None, tracked):
-        path = REPO / os.fsdecode(name)
-        if path.is_file():  # a file deleted in the work tree but not yet in git is skipped
-            (source / os.fsdecode(name)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, source / os.fsdecode(name))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    _run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", str(root / "dist"), str(source)],
-        root, env, 300,
-    )  # fmt: skip
-    (wheel,) = (root / "dist").glob("pdserve-*.whl")
-
+def fresh_venv(pdserve_wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("venv")
     target = root / "venv"
     venv.EnvBuilder(with_pip=False).create(target)
     python = target / "bin" / "python"
-    _run(
+    run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
-         str(wheel)],
-        root, env, 300,
+         str(pdserve_wheel)],
+        root, 300, clean_env(),
     )  # fmt: skip
-    purelib = _run(
+    purelib = run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        root, env, 60,
+        root, 60, clean_env(),
     ).strip()  # fmt: skip
     # Third-party packages only: a plain path line, so the project venv's own .pth files
     # (its editable install of pdserve) are not processed.
     (Path(purelib) / "project_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return target
-
-
-def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    return env
 
 
 def test_first_party_modules_come_from_the_fresh_venv(fresh_venv: Path, tmp_path: Path) -> None:
@@ -94,7 +55,7 @@ def test_first_party_modules_come_from_the_fresh_venv(fresh_venv: Path, tmp_path
         "from kv_transfer.pb import kv_transfer_pb2\n"
         "print(kv_transfer_pb2.DESCRIPTOR.name)\n"
     )
-    out = _run(
+    out = run(
         [
             str(
                 fresh_venv / "bin" / "python",
@@ -103,11 +64,9 @@ def test_first_party_modules_come_from_the_fresh_venv(fresh_venv: Path, tmp_path
             script,
         ],
         tmp_path,
-        _clean_env(),
+        clean_env(),
         120,
     )
-    import json
-
     files, proto_file, descriptor = out.strip().splitlines()
     for module, path in json.loads(files).items():
         assert Path(path).resolve().is_relative_to(fresh_venv.resolve()), (module, path)
@@ -118,13 +77,13 @@ def test_first_party_modules_come_from_the_fresh_venv(fresh_venv: Path, tmp_path
 
 def test_pdserve_help_and_generate_run_from_the_wheel(fresh_venv: Path, tmp_path: Path) -> None:
     pdserve = str(fresh_venv / "bin" / "pdserve")
-    help_text = _run([pdserve, "--help"], tmp_path, _clean_env(), 60)
+    help_text = run([pdserve, "--help"], tmp_path, 60, clean_env())
     for command in ("generate", "serve", "bench"):
         assert command in help_text
-    out = _run(
+    out = run(
         [pdserve, "generate", "--model", "pdserve-tiny", "--prompt", "Hello", "--max-tokens", "4",
          "--num-threads", "1"],
-        tmp_path, _clean_env(), 180,
+        tmp_path, 180, clean_env(),
     )  # fmt: skip
     assert "prompt: 'Hello'" in out
     assert "(4 tokens, finish_reason=length)" in out
