@@ -187,7 +187,8 @@ def test_model_sources(rendered: tuple[dict, list[dict]]) -> None:
             (init,) = pod["initContainers"]
             assert init["command"][:3] == ["hf", "download", hf["repo"]]
             assert init["command"][init["command"].index("--local-dir") + 1] == args.model
-            (token,) = init["env"]
+            offline, token = init["env"]
+            assert offline == {"name": "HF_HUB_OFFLINE", "value": "0"}
             assert token["valueFrom"]["secretKeyRef"] == hf["tokenSecret"]
 
 

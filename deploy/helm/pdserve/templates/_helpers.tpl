@@ -121,8 +121,10 @@ ray.io/node-type: head
     - "*.tiktoken"
     - "*.txt"
     {{- end }}
-  {{- with $hf.tokenSecret.name }}
   env:
+    - name: HF_HUB_OFFLINE  # the image is offline by default; this container downloads
+      value: "0"
+  {{- with $hf.tokenSecret.name }}
     - name: HF_TOKEN
       valueFrom:
         secretKeyRef:
