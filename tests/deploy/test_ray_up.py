@@ -24,7 +24,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -42,13 +41,15 @@ import openai
 import pytest
 import yaml
 
+from tests.deploy import namespace
 from tests.deploy.commands import parse_pdserve, pdserve_argvs
 from tests.deploy.conftest import REPO
-from tests.serving.conftest import cmdline, is_alive, terminate, wait_gone
+from tests.deploy.namespace import Namespace, missing_tools
+from tests.serving.conftest import is_alive, terminate
 
 LOCAL_YAML = REPO / "deploy" / "ray" / "local.yaml"
 RAY = str(Path(sys.executable).with_name("ray"))
-TOOLS = ("sshd", "ssh", "ssh-keygen", "rsync", "nc", "nsenter", "unshare", "ip")
+TOOLS = ("sshd", "ssh", "ssh-keygen", "rsync", "nc")
 ROUTER_PORT = 8000  # inside the namespace, as local.yaml has it
 HEAD_RESOURCES = {"prefill_node": 1, "decode_node": 1}
 TEST_ROUTER_FLAGS = {
@@ -61,9 +62,7 @@ TEST_ROUTER_FLAGS = {
 }  # fmt: skip
 
 pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0
-    or any(shutil.which(t, path=os.defpath + ":/usr/sbin") is None for t in TOOLS),
-    reason="needs root and " + ", ".join(TOOLS) + " (make test installs them)",
+    bool(missing_tools(*TOOLS)), reason=f"needs {missing_tools(*TOOLS)} (make test installs them)"
 )
 
 
@@ -73,33 +72,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _namespace_pids(init_pid: int) -> set[int]:
-    """Host PIDs of every live process in the PID namespace whose init is ``init_pid``."""
-    try:
-        target = os.readlink(f"/proc/{init_pid}/ns/pid")
-    except OSError:
-        return set()
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{entry}/ns/pid") == target and is_alive(int(entry)):
-                    found.add(int(entry))
-    return found
-
-
 @dataclass
 class Remote:
-    """The namespace's sshd: ``unshare`` (host PID) and its child, the namespace's init."""
+    """The namespace whose init is sshd, and the key that logs in as root."""
 
-    unshare: subprocess.Popen
-    init_pid: int
-    root: Path
+    namespace: Namespace
     key: Path
 
     @property
+    def root(self) -> Path:
+        return self.namespace.root
+
+    @property
     def proxy_command(self) -> str:
-        return f"nsenter --net=/proc/{self.unshare.pid}/ns/net nc 127.0.0.1 22"
+        return shlex.join([*self.namespace.enter_net, "nc", "127.0.0.1", "22"])
 
     def ssh_options(self) -> list[str]:
         return [
@@ -109,60 +95,32 @@ class Remote:
         ]  # fmt: skip
 
     def processes(self) -> dict[int, str]:
-        return {pid: cmdline(pid) for pid in _namespace_pids(self.init_pid)}
+        return self.namespace.processes()
 
 
 def _sshd_namespace(root: Path) -> Remote:
-    home, raytmp = root / "home", root / "ray"
-    (home / ".ssh").mkdir(parents=True)
-    raytmp.mkdir()
+    (root / "home" / ".ssh").mkdir(parents=True)
     key = root / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "host_key")], check=True
-    )
-    shutil.copy(f"{key}.pub", home / ".ssh" / "authorized_keys")
-    for path in (home, home / ".ssh"):
-        path.chmod(0o700)
+    for path in (key, root / "host_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    shutil.copy(f"{key}.pub", root / "home" / ".ssh" / "authorized_keys")
     config = root / "sshd_config"
     config.write_text(
         f"Port 22\nListenAddress 127.0.0.1\nHostKey {root}/host_key\nPidFile {root}/sshd.pid\n"
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\n"
         "AllowTcpForwarding yes\nStrictModes no\nSubsystem sftp internal-sftp\n"
     )
-    # This Python may live under /root (pyenv): keep it visible in the new home.
-    python_home = Path(sys.base_prefix).resolve()
-    keep = ""
-    if python_home.is_relative_to("/root"):
-        (home / python_home.relative_to("/root")).mkdir(parents=True)
-        keep = f"mount --bind {python_home} {home / python_home.relative_to('/root')}; "
-    script = (
-        f"set -e; ip link set lo up; {keep}"
-        f"mount --rbind {home} /root; mkdir -p /tmp/ray; mount --bind {raytmp} /tmp/ray; "
-        f"mkdir -p /run/sshd; exec /usr/sbin/sshd -D -e -f {config}"
-    )
-    with open(root / "sshd.log", "wb") as log:
-        unshare = subprocess.Popen(
-            ["unshare", "--pid", "--fork", "--mount-proc", "--net", "bash", "-c", script],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    remote = Remote(namespace.start(root, f"/usr/sbin/sshd -D -e -f {config}"), key)
     deadline = time.monotonic() + 20
     while True:
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            children = Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children").read_text()
-            init_pid = int(children.split()[0])
-            if "sshd" in cmdline(init_pid):
-                remote = Remote(unshare, init_pid, root, key)
-                probe = subprocess.run(
-                    ["ssh", *remote.ssh_options(), "root@127.0.0.1", "true"],
-                    capture_output=True, timeout=20,
-                )  # fmt: skip
-                if probe.returncode == 0:
-                    return remote
-        assert unshare.poll() is None, (root / "sshd.log").read_text()
-        assert time.monotonic() < deadline, (root / "sshd.log").read_text()
+        probe = subprocess.run(
+            ["ssh", *remote.ssh_options(), "root@127.0.0.1", "true"], capture_output=True,
+            timeout=20,
+        )  # fmt: skip
+        if probe.returncode == 0:
+            return remote
+        assert remote.namespace.unshare.poll() is None, remote.namespace.log()
+        assert time.monotonic() < deadline, remote.namespace.log()
         time.sleep(0.2)
 
 
@@ -235,11 +193,7 @@ def remote() -> Iterator[Remote]:
     try:
         yield remote
     finally:
-        # Everything in the namespace dies with its init.
-        pids = _namespace_pids(remote.init_pid)
-        os.killpg(remote.unshare.pid, signal.SIGKILL)
-        remote.unshare.wait(timeout=10)
-        wait_gone(pids, 10, "the namespace's processes")
+        remote.namespace.kill()
         shutil.rmtree(root, ignore_errors=True)
 
 
