@@ -30,10 +30,10 @@ import pytest
 import yaml
 
 from tests.deploy import namespace
+from tests.deploy.chart import CHART, render
 from tests.deploy.commands import parse_pdserve, pdserve_argvs
 from tests.deploy.conftest import REPO
 from tests.deploy.namespace import missing_tools
-from tests.deploy.test_helm_chart import CHART, render
 
 pytestmark = pytest.mark.skipif(
     bool(missing_tools()), reason=f"needs {missing_tools()} (make test installs them)"

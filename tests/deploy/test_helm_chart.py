@@ -33,10 +33,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router.cluster import parse_resources
 from router.metrics import RouterMetrics
+from tests.deploy.chart import CHART, render
 from tests.deploy.commands import parse_pdserve, pdserve_argvs
 from tests.deploy.conftest import REPO
 
-CHART = REPO / "deploy" / "helm" / "pdserve"
 KUBERAY_SCHEMA = REPO / "deploy" / "helm" / "kuberay" / "raycluster-v1.schema.json"
 VALUES_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
 KUBERNETES_VERSION = kubernetes_validate.latest_version()
@@ -45,20 +45,6 @@ CUSTOM_KINDS = {"RayCluster", "ServiceMonitor", "PrometheusRule"}
 
 def _values(path: Path | None) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) if path else {}
-
-
-def render(values: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every object the chart renders with ``values``."""
-    manifests = helm.Chart.load(CHART).render(values, name="pd", namespace="llm", is_install=True)
-    docs = [
-        doc
-        for name, text in manifests.items()
-        if not name.endswith("NOTES.txt")
-        for doc in yaml.safe_load_all(text)
-        if doc
-    ]
-    assert docs, "nothing rendered"
-    return docs
 
 
 def _one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
