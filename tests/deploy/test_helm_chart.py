@@ -2,9 +2,9 @@
 
 For each values file in the chart's ci/ folder: Helm lints it clean (strict), renders it,
 every built-in kind validates strictly with kubernetes-validate for a current Kubernetes,
-the RayCluster validates strictly against KubeRay's v1 CRD schema (deploy/helm/kuberay, which
-says where it comes from), and the router's command line parses with pdserve's own parser and
-agrees with the worker groups. The values schema rejects bad values; every metric the
+custom kinds validate strictly against their CRDs' schemas (deploy/helm/crd-schemas, each
+file says where it comes from), and the router's command line parses with pdserve's own
+parser and agrees with the worker groups. The values schema rejects bad values; every metric the
 dashboard and alert rules name exists in a live registry of the router's metrics; the preStop
 drain hook, taken from the rendered manifest, runs against a live metrics endpoint.
 """
@@ -37,7 +37,7 @@ from tests.deploy.chart import CHART, render
 from tests.deploy.commands import parse_pdserve, pdserve_argvs
 from tests.deploy.conftest import REPO
 
-KUBERAY_SCHEMA = REPO / "deploy" / "helm" / "kuberay" / "raycluster-v1.schema.json"
+CRD_SCHEMAS = REPO / "deploy" / "helm" / "crd-schemas"
 VALUES_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
 KUBERNETES_VERSION = kubernetes_validate.latest_version()
 CUSTOM_KINDS = {"RayCluster", "ServiceMonitor", "PrometheusRule"}
@@ -90,17 +90,35 @@ def _strict(schema: Any) -> Any:
     return [_strict(s) for s in schema] if isinstance(schema, list) else schema
 
 
-KUBERAY_VALIDATOR = jsonschema.Draft7Validator(_strict(json.loads(KUBERAY_SCHEMA.read_text())))
+# Custom kinds: their CRD's schema (deploy/helm/crd-schemas, each file says its source).
+CRD_VALIDATORS = {
+    kind: jsonschema.Draft7Validator(
+        _strict(json.loads((CRD_SCHEMAS / f"{kind.lower()}-v1.schema.json").read_text()))
+    )
+    for kind in CUSTOM_KINDS
+}
+KUBERAY_VALIDATOR = CRD_VALIDATORS["RayCluster"]
 
 
-def test_raycluster_validates_against_kuberays_v1_crd(rendered: tuple[dict, list[dict]]) -> None:
-    _, docs = rendered
-    cluster = _one(docs, "RayCluster")
-    assert cluster["apiVersion"] == "ray.io/v1"
-    errors = [
-        f"{list(e.absolute_path)}: {e.message}" for e in KUBERAY_VALIDATOR.iter_errors(cluster)
-    ]
-    assert errors == []
+def test_custom_kinds_validate_against_their_crds(rendered: tuple[dict, list[dict]]) -> None:
+    """RayCluster: KubeRay v1.7.0's v1 API; ServiceMonitor, PrometheusRule: prometheus-operator
+    v0.93.0's monitoring.coreos.com/v1."""
+    values, docs = rendered
+    custom = [d for d in docs if d["kind"] in CUSTOM_KINDS]
+    monitoring = values.get("monitoring", {})
+    expected = {"RayCluster"} | {
+        kind
+        for kind, key in (
+            ("ServiceMonitor", "serviceMonitor"),
+            ("PrometheusRule", "prometheusRule"),
+        )
+        if monitoring.get(key, {}).get("enabled")
+    }
+    assert {d["kind"] for d in custom} == expected
+    for doc in custom:
+        validator = CRD_VALIDATORS[doc["kind"]]
+        errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(doc)]
+        assert errors == [], doc["kind"]
 
 
 def test_the_kuberay_check_catches_a_misspelt_field(rendered: tuple[dict, list[dict]]) -> None:
