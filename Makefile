@@ -47,7 +47,7 @@ test: $(STAMP) deploy-tools
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m "slow" $(PYTEST_ARGS)
 
-test-all: $(STAMP)
+test-all: $(STAMP) deploy-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

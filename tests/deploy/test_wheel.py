@@ -55,18 +55,7 @@ def test_first_party_modules_come_from_the_fresh_venv(fresh_venv: Path, tmp_path
         "from kv_transfer.pb import kv_transfer_pb2\n"
         "print(kv_transfer_pb2.DESCRIPTOR.name)\n"
     )
-    out = run(
-        [
-            str(
-                fresh_venv / "bin" / "python",
-            ),
-            "-c",
-            script,
-        ],
-        tmp_path,
-        clean_env(),
-        120,
-    )
+    out = run([str(fresh_venv / "bin" / "python"), "-c", script], tmp_path, 120, clean_env())
     files, proto_file, descriptor = out.strip().splitlines()
     for module, path in json.loads(files).items():
         assert Path(path).resolve().is_relative_to(fresh_venv.resolve()), (module, path)
