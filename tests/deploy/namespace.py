@@ -104,6 +104,11 @@ def start(root: Path, command: str, env: dict[str, str] | None = None) -> Namesp
         with contextlib.suppress(OSError, ValueError, IndexError):
             children = Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children").read_text()
             return Namespace(unshare, int(children.split()[0]), root)
-        assert unshare.poll() is None, (root / "namespace.log").read_text()
-        assert time.monotonic() < deadline, "the namespace did not start"
+        if unshare.poll() is not None or time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(unshare.pid, signal.SIGKILL)
+            unshare.wait(timeout=10)
+            raise AssertionError(
+                f"the namespace did not start:\n{(root / 'namespace.log').read_text()}"
+            )
         time.sleep(0.05)

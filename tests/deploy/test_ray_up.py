@@ -119,8 +119,10 @@ def _sshd_namespace(root: Path) -> Remote:
         )  # fmt: skip
         if probe.returncode == 0:
             return remote
-        assert remote.namespace.unshare.poll() is None, remote.namespace.log()
-        assert time.monotonic() < deadline, remote.namespace.log()
+        if remote.namespace.unshare.poll() is not None or time.monotonic() > deadline:
+            log = remote.namespace.log()
+            remote.namespace.kill()
+            raise AssertionError(f"sshd in the namespace does not answer:\n{log}")
         time.sleep(0.2)
 
 
