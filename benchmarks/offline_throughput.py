@@ -1,9 +1,12 @@
 """Offline generation throughput: pdserve's engine beside Hugging Face ``generate``, one run.
 
-For each model (the built-in ``pdserve-tiny`` and a dummy-weight ~100M-parameter Llama), runs
-N prompts of ``--input-len`` random tokens, generating exactly ``--output-len`` tokens each
+For each model (``smollm2``: SmolLM2-135M-Instruct, pdserve's default, real weights from its
+GGUF file; the built-in ``pdserve-tiny``; a dummy-weight ~100M-parameter Llama), runs N
+prompts of ``--input-len`` tokens (SmolLM2: windows of real text; the others: random ids),
+generating exactly ``--output-len`` tokens each
 (greedy, EOS ignored), through ``engine.llm.LLM`` and through transformers' batched
-``generate`` (left-padded, KV cache on), and prints and writes tokens/s for both.
+``generate`` (left-padded, KV cache on; for SmolLM2 on the same float32 weights, dequantized
+from the GGUF file), and prints and writes tokens/s for both.
 
     python benchmarks/offline_throughput.py --num-prompts 32 --input-len 128 --output-len 64
 """
@@ -22,6 +25,8 @@ from typing import Any
 
 import torch
 
+from benchmarks._servers import SMOLLM2_MODEL, checkpoint_dir, text_workload
+from benchmarks.serving.workloads import WorkloadConfig, build_workload, load_tokenizer
 from engine.llm import LLM
 from engine.loader import resolve_model_path
 from engine.sampling_params import SamplingParams
@@ -50,15 +55,24 @@ def _prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int) -> li
     return [[rng.randrange(3, vocab_size) for _ in range(input_len)] for _ in range(num_prompts)]
 
 
+def _text_prompts(name: str, num_prompts: int, input_len: int, seed: int) -> list[list[int]]:
+    """Token ids of real-text prompts (``_servers.text_workload``), ``input_len`` each."""
+    workload = WorkloadConfig(
+        num_prompts=num_prompts, input_len=input_len, seed=seed, **text_workload(name)
+    )
+    tokenizer = load_tokenizer(workload.tokenizer)
+    return [tokenizer.encode(r.prompt, add_special_tokens=False) for r in build_workload(workload)]
+
+
 def bench_pdserve(model: str, prompts: list[list[int]], output_len: int, **engine_kwargs) -> dict:
     llm = LLM(model=model, skip_tokenizer_init=True, **engine_kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": prompts[0][:8]}], SamplingParams(max_tokens=2))  # warm-up
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return _figures(elapsed, sum(map(len, prompts)), num_out, len(prompts))
+    return _figures(elapsed, sum(map(len, prompts)), num_out, len(prompts), cpu)
 
 
 def bench_hf(model_path: Path, prompts: list[list[int]], output_len: int, batch_size: int) -> dict:
@@ -73,7 +87,7 @@ def bench_hf(model_path: Path, prompts: list[list[int]], output_len: int, batch_
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
     pad_id = 0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     num_out = 0
     with torch.inference_mode():
         for i in range(0, len(prompts), batch_size):
@@ -90,12 +104,17 @@ def bench_hf(model_path: Path, prompts: list[list[int]], output_len: int, batch_
                 pad_token_id=pad_id,
             )
             num_out += (out.shape[1] - width) * len(batch)
-    elapsed = time.perf_counter() - start
-    return _figures(elapsed, sum(map(len, prompts)), num_out, len(prompts))
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return _figures(elapsed, sum(map(len, prompts)), num_out, len(prompts), cpu)
 
 
-def _figures(elapsed: float, num_in: int, num_out: int, num_requests: int) -> dict[str, float]:
+def _figures(
+    elapsed: float, num_in: int, num_out: int, num_requests: int, cpu_s: float
+) -> dict[str, float]:
+    """Wall-clock rates, and CPU seconds of this process (steadier on a shared machine)."""
     return {
+        "cpu_s": round(cpu_s, 3),
+        "output_tokens_per_cpu_s": round(num_out / cpu_s, 1),
         "elapsed_s": round(elapsed, 3),
         "requests_per_s": round(num_requests / elapsed, 3),
         "output_tokens_per_s": round(num_out / elapsed, 1),
@@ -110,7 +129,7 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--hf-batch-size", type=int, default=32)
-    parser.add_argument("--models", default="tiny,dummy-100m")
+    parser.add_argument("--models", default="smollm2,tiny,dummy-100m")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both")
@@ -132,7 +151,10 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            if name == "tiny":
+            if name == "smollm2":
+                model, path = SMOLLM2_MODEL, checkpoint_dir("smollm2")
+                load_format = "auto"
+            elif name == "tiny":
                 model, path = "pdserve-tiny", resolve_model_path("pdserve-tiny")
                 load_format = "auto"
             elif name == "dummy-100m":
@@ -141,9 +163,12 @@ def main() -> None:
                 (path / "config.json").write_text(json.dumps(DUMMY_100M_CONFIG))
                 model, load_format = str(path), "dummy"
             else:
-                raise SystemExit(f"unknown model {name!r}: use tiny and/or dummy-100m")
+                raise SystemExit(f"unknown model {name!r}: use smollm2, tiny, dummy-100m")
             vocab = json.loads((path / "config.json").read_text())["vocab_size"]
-            prompts = _prompts(args.num_prompts, args.input_len, vocab, args.seed)
+            if text_workload(name):
+                prompts = _text_prompts(name, args.num_prompts, args.input_len, args.seed)
+            else:
+                prompts = _prompts(args.num_prompts, args.input_len, vocab, args.seed)
             row = {
                 "pdserve": bench_pdserve(
                     model, prompts, args.output_len, load_format=load_format, dtype="float32"

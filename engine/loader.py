@@ -1,4 +1,4 @@
-"""Build a model from a checkpoint folder: config, class, weights, on the target device.
+"""Build a model from a checkpoint: config, class, weights, on the target device.
 
 The model is constructed on the ``meta`` device, cast there (free), then materialized once
 with ``to_empty`` on the target device in the target dtype: no second copy of the weights is
@@ -6,6 +6,8 @@ ever allocated. Weights then come from
 
 - ``safetensors`` / ``auto``: ``model.safetensors``, or the shards listed in
   ``model.safetensors.index.json``, read one tensor at a time;
+- ``gguf`` / ``auto`` for a ``.gguf`` file or a built-in GGUF model: the dequantized
+  safetensors that ``engine/gguf_cache.py`` writes into the cache on first use;
 - ``dummy``: random values drawn in place from a generator seeded with ``ModelConfig.seed``
   (norm weights 1, everything else normal with std 0.02), so any size can be benchmarked from
   a ``config.json`` alone.
@@ -26,6 +28,12 @@ from transformers import AutoConfig
 
 from engine.attention.base import AttentionBackend
 from engine.config import ModelConfig
+from engine.gguf_cache import (
+    SMOLLM2_MODEL_NAME,
+    gguf_source,
+    materialize_gguf,
+    materialize_gguf_weights,
+)
 from engine.kv_cache import TORCH_DTYPES
 from engine.models.llama import LlamaForCausalLM, effective_sliding_window
 from engine.models.registry import get_model_class
@@ -38,14 +46,22 @@ _PROGRESS_MIN_BYTES = 1 << 30  # no progress bar for checkpoints under 1 GiB
 
 
 def resolve_model_path(name_or_path: str) -> Path:
-    """``pdserve-tiny`` -> its materialized folder; otherwise a local folder with config.json."""
+    """The folder with the model's ``config.json`` (and tokenizer).
+
+    ``pdserve-tiny`` -> its materialized folder; a ``.gguf`` file or a built-in GGUF model
+    (``smollm2-135m-instruct``) -> its converted folder in the cache; otherwise a local folder.
+    """
     if name_or_path == TINY_MODEL_NAME:
         return materialize_tiny_model()
+    gguf_file = gguf_source(name_or_path)
+    if gguf_file is not None:
+        return materialize_gguf(gguf_file)
     path = Path(name_or_path).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"model {name_or_path!r}: no config.json in {path}. pdserve loads a local folder "
-            f"(or the built-in {TINY_MODEL_NAME!r}); it does not download from the Hub"
+            f"model {name_or_path!r}: no config.json in {path}. pdserve loads a local folder, "
+            f"a .gguf file or a built-in model ({TINY_MODEL_NAME!r}, "
+            f"{SMOLLM2_MODEL_NAME!r}); it does not download from the Hub"
         )
     return path
 
@@ -120,6 +136,14 @@ def load_model(
     model_config: ModelConfig, attention_backend: AttentionBackend, device: torch.device
 ) -> tuple[LlamaForCausalLM, Any]:
     """The model on ``device`` in ``model_config.dtype``, in eval mode, and its HF config."""
+    gguf_file = gguf_source(model_config.model)
+    if model_config.load_format == "gguf" and gguf_file is None:
+        raise ValueError(f"load_format 'gguf' needs a .gguf file, got {model_config.model!r}")
+    if model_config.load_format == "safetensors" and gguf_file is not None:
+        raise ValueError(
+            f"load_format 'safetensors' cannot load the GGUF model {model_config.model!r}; "
+            "use 'auto' or 'gguf'"
+        )
     path = resolve_model_path(model_config.model)
     hf_config = load_hf_config(path)
     model_class = get_model_class(getattr(hf_config, "architectures", None))
@@ -130,6 +154,9 @@ def load_model(
     model = model.to(dtype).to_empty(device=device)
     if model_config.load_format == "dummy":
         initialize_dummy_weights(model, model_config.seed)
+    elif gguf_file is not None:
+        weight_files = materialize_gguf_weights(gguf_file, model_config.dtype)
+        model.load_weights(iterate_safetensors(weight_files))
     else:
         model.load_weights(iterate_safetensors(safetensors_files(path)))
     model.eval().requires_grad_(False)

@@ -99,6 +99,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     load.add_argument("--long-output-len", type=int, default=_default(w, "long_output_len"))
     load.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON file")
+    load.add_argument(
+        "--corpus-path",
+        default=None,
+        help="a text file: prompts are windows of its tokens, not random ids (needs --tokenizer)",
+    )
 
     rate = parser.add_argument_group("load")
     rate.add_argument(

@@ -19,7 +19,9 @@
 Prompts are token ids by default (exact lengths, ids uniform in ``[0, vocab_size)``). With a
 tokenizer they are text: decoded random ids, cut where they encode to exactly the length (or
 as close as the tokenizer allows; a chat template or BOS adds more, and the server's
-``usage`` has the final word).
+``usage`` has the final word). With ``corpus_path`` (needs a tokenizer) the ids are not
+random but windows of a real text's tokens at seeded random offsets (wrapping around), so
+prompts are real prose (e.g. ``benchmarks/data/public_domain.txt``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -115,6 +118,7 @@ class WorkloadConfig:
     long_prompt_every: int = 10
     long_output_len: int = 16
     dataset_path: str | None = None
+    corpus_path: str | None = None  # real text: prompts are windows of its tokens
 
     def __post_init__(self) -> None:
         if self.workload not in WORKLOADS:
@@ -130,6 +134,8 @@ class WorkloadConfig:
             raise ValueError(f"std_ratio must be >= 0, got {self.std_ratio}")
         if self.workload == "sharegpt" and not self.dataset_path:
             raise ValueError("workload 'sharegpt' needs dataset_path (--dataset-path)")
+        if self.corpus_path is not None and self.tokenizer is None:
+            raise ValueError("corpus_path (--corpus-path) needs a tokenizer (--tokenizer)")
 
     @property
     def text_prompts(self) -> bool:
@@ -164,16 +170,29 @@ def sample_lengths(
 
 
 class PromptMaker:
-    """Random prompts of an exact token length: token ids, or text through a tokenizer."""
+    """Random prompts of an exact token length: token ids, or text through a tokenizer.
+
+    With ``corpus`` (a real text's token ids) the ids are windows of it, not random ids.
+    """
 
     def __init__(
-        self, rng: np.random.Generator, vocab_size: int, tokenizer: Tokenizer | None = None
+        self,
+        rng: np.random.Generator,
+        vocab_size: int,
+        tokenizer: Tokenizer | None = None,
+        corpus: list[int] | None = None,
     ) -> None:
         self.rng = rng
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer) if tokenizer is not None else vocab_size
+        if corpus is not None and not corpus:
+            raise ValueError("the corpus has no tokens")
+        self.corpus = corpus
 
     def _ids(self, length: int) -> list[int]:
+        if self.corpus is not None:
+            start = int(self.rng.integers(0, len(self.corpus)))
+            return [self.corpus[(start + i) % len(self.corpus)] for i in range(length)]
         return [int(x) for x in self.rng.integers(0, self.vocab_size, size=length)]
 
     def _count(self, text: str) -> int:
@@ -326,7 +345,12 @@ def build_workload(
     rng = np.random.default_rng(config.seed)
     if config.workload == "sharegpt":
         return sharegpt_requests(config, rng, tokenizer)
-    maker = PromptMaker(rng, config.vocab_size, tokenizer)
+    corpus = None
+    if config.corpus_path is not None:
+        assert tokenizer is not None  # WorkloadConfig checks it
+        text = Path(config.corpus_path).read_text()
+        corpus = tokenizer.encode(text, add_special_tokens=False)
+    maker = PromptMaker(rng, config.vocab_size, tokenizer, corpus)
     if config.workload == "shared-prefix":
         return shared_prefix_requests(config, maker)
     if config.workload == "long-prompt":

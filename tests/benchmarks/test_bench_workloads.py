@@ -247,3 +247,28 @@ def test_bench_config_validation(kwargs: dict, match: str) -> None:
 def test_api_root_accepts_a_v1_suffix() -> None:
     assert BenchConfig(base_url="http://h:1/v1/").api_root == "http://h:1"
     assert BenchConfig(base_url="http://h:1").api_root == "http://h:1"
+
+
+def test_corpus_prompts_are_windows_of_the_real_text(
+    tiny_tokenizer_path: Path, tmp_path: Path
+) -> None:
+    corpus = tmp_path / "corpus.txt"
+    text = "It was the best of times, it was the worst of times. Call me Ishmael. " * 3
+    corpus.write_text(text)
+    config = WorkloadConfig(
+        num_prompts=6,
+        input_len=12,
+        output_len=4,
+        tokenizer=str(tiny_tokenizer_path),
+        corpus_path=str(corpus),
+    )
+    requests = build_workload(config)
+    tokenizer = load_tokenizer(str(tiny_tokenizer_path))
+    for request in requests:
+        assert isinstance(request.prompt, str)
+        assert request.prompt in text + text  # a window (it may wrap around the end)
+        assert len(tokenizer.encode(request.prompt, add_special_tokens=False)) == 12
+    assert len({r.prompt for r in requests}) > 1  # seeded offsets differ
+    assert [r.prompt for r in build_workload(config)] == [r.prompt for r in requests]
+    with pytest.raises(ValueError, match=r"corpus_path .* needs a tokenizer"):
+        WorkloadConfig(corpus_path=str(corpus))

@@ -19,7 +19,9 @@ NUM_BLOCKS = 8  # of 16 tokens
 
 @pytest.fixture
 def worker():
-    config = engine_config_from_kwargs(device="cpu", num_gpu_blocks_override=NUM_BLOCKS)
+    config = engine_config_from_kwargs(
+        "pdserve-tiny", device="cpu", num_gpu_blocks_override=NUM_BLOCKS
+    )
     worker = DecodeWorker("d0", config, KVTransferConfig(transport="local", lease_s=0.5))
     yield worker
     worker.shutdown()

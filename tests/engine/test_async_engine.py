@@ -13,7 +13,7 @@ from engine.llm_engine import LLMEngine
 from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
 
-CONFIG = engine_config_from_kwargs(device="cpu", kv_cache_size_gib=0.02)
+CONFIG = engine_config_from_kwargs("pdserve-tiny", device="cpu", kv_cache_size_gib=0.02)
 PROMPTS = [[5, 6, 7, 8, 9], list(range(20, 57))]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 

@@ -80,7 +80,7 @@ def test_concurrent_first_use_is_safe(cache_dir):
 
 
 def test_loads_and_matches_hugging_face(cache_dir):
-    model, hf_config = load_model(ModelConfig(), TorchAttentionBackend(), CPU)
+    model, hf_config = load_model(ModelConfig(model=TINY_MODEL_NAME), TorchAttentionBackend(), CPU)
     assert hf_config.architectures == ["LlamaForCausalLM"]
     hf_model = AutoModelForCausalLM.from_pretrained(resolve_model_path(TINY_MODEL_NAME)).eval()
     ids = torch.arange(3, 23)
@@ -121,7 +121,7 @@ def test_tokenizer_round_trips_and_applies_the_chat_template():
 
 def test_eos_token_ids(cache_dir):
     tokenizer = load_tokenizer(TINY_MODEL_NAME)
-    _, hf_config = load_model(ModelConfig(), TorchAttentionBackend(), CPU)
+    _, hf_config = load_model(ModelConfig(model=TINY_MODEL_NAME), TorchAttentionBackend(), CPU)
     eos, eot = tokenizer.convert_tokens_to_ids(["<|end_of_text|>", "<|eot_id|>"])
     assert get_eos_token_ids(hf_config, tokenizer) == [eos, eot]
     assert get_eos_token_id(hf_config, tokenizer) == eos

@@ -52,6 +52,7 @@ NUM_BLOCKS = 480  # per worker, 16 tokens each
 # Engine flags of every test server: chunked prefill in steps of 128 tokens, so a long
 # prompt takes many steps (and many layer-wise sends) on the prefill worker.
 ENGINE_ARGS = [
+    "--model", MODEL,
     "--device", "cpu",
     "--num-gpu-blocks-override", str(NUM_BLOCKS),
     "--max-num-batched-tokens", "128",
