@@ -5,6 +5,16 @@ is answered in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`
 input 400 (FastAPI's 422 included), unknown model 404, no capacity 429, backend down 503,
 timeout 504. The app starts the backend on startup and shuts it down on shutdown.
 
+Before any work a request passes, in order: the API key (``router.auth``; 401), the body size
+and the per-request limits (``router.limits``; 413/400), the drain state (503 while draining)
+and the concurrency limit (429). Every 429 and 503 carries ``Retry-After``. Errors of the
+backend's own making reach the client as a fixed sentence per kind; the details (worker
+addresses, Ray's error text) go to the log only.
+
+Draining (``drain``, on SIGTERM through ``pdserve serve``): new generation requests get 503
+and ``/health`` reports ``draining`` (503), so load balancers stop sending; requests in
+flight run to their end, up to a grace period.
+
 A client that disconnects is noticed while streaming (Starlette cancels the stream) and
 while a non-streamed request waits (``_cancel_on_disconnect``); either way the backend
 requests are aborted (see ``router.generation``).
@@ -18,15 +28,16 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from router.auth import APIKeyAuth
 from router.backend import (
     AdmissionError,
     BackendError,
@@ -35,6 +46,7 @@ from router.backend import (
     ServingBackend,
 )
 from router.generation import RequestTimeoutError, SequenceAbortedError
+from router.limits import RequestLimits
 from router.metrics import RouterMetrics
 from router.protocol import (
     APIError,
@@ -44,6 +56,7 @@ from router.protocol import (
     ModelList,
     validation_error_to_api_error,
 )
+from router.schema import document_api
 from router.serving import AnyRequest, OpenAIServing
 
 logger = logging.getLogger(__name__)
@@ -62,9 +75,17 @@ class RouterConfig:
     served_model_names: tuple[str, ...] = ()  # names clients may ask for; () = backend's name
     request_timeout_s: float | None = None  # per request, from arrival to the last token
     max_concurrent_requests: int | None = None  # generation requests in flight; beyond: 429
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # () = no key needed; never logged
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    retry_after_s: int = 1  # the Retry-After of every 429 and 503
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "served_model_names", tuple(self.served_model_names))
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        if any(not key for key in self.api_keys):
+            raise ValueError("api_keys must not contain an empty key")
+        if self.retry_after_s < 0:
+            raise ValueError(f"retry_after_s must not be negative, got {self.retry_after_s}")
         if any(not name for name in self.served_model_names):
             raise ValueError(f"served_model_names must be non-empty, got {self.served_model_names}")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
@@ -75,51 +96,97 @@ class RouterConfig:
             )
 
 
-def to_api_error(error: BaseException) -> APIError:
-    """The HTTP answer for any exception raised while serving a request."""
+def to_api_error(error: BaseException, retry_after_s: int = 1) -> APIError:
+    """The HTTP answer for any exception raised while serving a request.
+
+    Client errors keep their message. A failure of the cluster's own (a worker died, none is
+    healthy) is answered with a fixed sentence: its text can name actors, addresses or carry
+    a remote traceback, so it goes to the log only.
+    """
     if isinstance(error, APIError):
         return error
-    message = str(error)
+    retry = {"Retry-After": str(retry_after_s)}
     if isinstance(error, InvalidRequestError):
-        return APIError(message)
+        return APIError(str(error))
     if isinstance(error, AdmissionError):
-        return APIError(message, 429, "rate_limit_error", code="no_capacity")
-    if isinstance(error, (BackendUnavailableError, SequenceAbortedError)):
-        return APIError(message, 503, "service_unavailable")
+        return APIError(str(error), 429, "rate_limit_error", code="no_capacity", headers=retry)
     if isinstance(error, RequestTimeoutError):
-        return APIError(message, 504, "timeout")
+        return APIError(str(error), 504, "timeout")
+    if isinstance(error, (BackendUnavailableError, SequenceAbortedError)):
+        logger.warning("request failed: %s: %s", type(error).__name__, error)
+        return APIError(
+            "The server could not complete the request: a worker failed or none is available. "
+            "Retry later.",
+            503,
+            "service_unavailable",
+            code="backend_unavailable",
+            headers=retry,
+        )
     if isinstance(error, BackendError):
-        return APIError(message, 500, "server_error")
+        logger.error("request failed: %s: %s", type(error).__name__, error)
+        return APIError("The server failed to complete the request.", 500, "server_error")
     logger.error("unexpected error while serving a request", exc_info=error)
     return APIError("internal server error", 500, "server_error")
 
 
 def _error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.to_response().model_dump(), status_code=error.status_code)
+    return JSONResponse(
+        error.to_response().model_dump(), status_code=error.status_code, headers=error.headers
+    )
 
 
 class _Admission:
-    """Counts generation requests in flight; refuses (429) beyond the configured maximum."""
+    """Counts generation requests in flight; refuses beyond the configured maximum (429) and
+    while draining (503). ``drain`` waits for the requests in flight to end."""
 
-    def __init__(self, limit: int | None, metrics: RouterMetrics) -> None:
+    def __init__(self, limit: int | None, retry_after_s: int, metrics: RouterMetrics) -> None:
         self.limit = limit
+        self.retry_after = {"Retry-After": str(retry_after_s)}
         self.metrics = metrics
         self.num_in_flight = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def acquire(self) -> None:
+        if self.draining:
+            raise APIError(
+                "The server is shutting down and accepts no new requests.",
+                503,
+                "service_unavailable",
+                code="draining",
+                headers=self.retry_after,
+            )
         if self.limit is not None and self.num_in_flight >= self.limit:
             raise APIError(
                 f"the server is at its limit of {self.limit} concurrent requests; retry later",
                 429,
                 "rate_limit_error",
                 code="too_many_requests",
+                headers=self.retry_after,
             )
         self.num_in_flight += 1
+        self._idle.clear()
         self.metrics.requests_in_flight.set(self.num_in_flight)
 
     def release(self) -> None:
         self.num_in_flight -= 1
+        if self.num_in_flight == 0:
+            self._idle.set()
         self.metrics.requests_in_flight.set(self.num_in_flight)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests from now on; True when those in flight ended within the time."""
+        self.draining = True
+        logger.info(
+            "draining: %d request(s) in flight, up to %.0f s", self.num_in_flight, timeout_s
+        )
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            logger.warning("drain timed out with %d request(s) in flight", self.num_in_flight)
+            return False
+        return True
 
 
 async def _cancel_on_disconnect(raw: Request, work: Awaitable[T]) -> T | None:
@@ -155,7 +222,12 @@ def build_app(
     serving = OpenAIServing(
         backend, tokenizer, metrics, served_model_names, config.request_timeout_s
     )
-    admission = _Admission(config.max_concurrent_requests, metrics)
+    admission = _Admission(config.max_concurrent_requests, config.retry_after_s, metrics)
+    auth = APIKeyAuth(config.api_keys)
+    limits = config.limits
+
+    async def require_api_key(raw: Request) -> None:
+        auth.verify(raw.headers.get("authorization"))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -169,6 +241,8 @@ def build_app(
     app.state.backend = backend
     app.state.metrics = metrics
     app.state.admission = admission
+    app.state.drain = admission.drain  # await app.state.drain(timeout_s): see `pdserve serve`
+    app.state.auth_required = auth.enabled
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -184,13 +258,17 @@ def build_app(
 
     @app.exception_handler(Exception)
     async def on_unexpected_error(_: Request, error: Exception) -> JSONResponse:
-        return _error_response(to_api_error(error))  # logged there
+        return _error_response(to_api_error(error, config.retry_after_s))  # logged there
 
     async def generate(raw: Request, request: AnyRequest, endpoint: str) -> Response:
         arrival_time = time.monotonic()
         try:
+            limits.check_request(request)
             model = serving.model_name(request.model)
             requests = serving.prepare(request, arrival_time)
+            limits.check_prompts(
+                [len(r.prompt_token_ids) for r in requests[:: request.n]], request.n
+            )
             admission.acquire()
         except APIError as error:
             metrics.observe_request(endpoint, error.status_code)
@@ -204,7 +282,7 @@ def build_app(
             if response is not None:
                 status = 200
         except Exception as error:
-            api_error = to_api_error(error)
+            api_error = to_api_error(error, config.retry_after_s)
             status = api_error.status_code
             return _error_response(api_error)
         finally:
@@ -223,7 +301,7 @@ def build_app(
                         yield f"data: {chunk.model_dump_json()}\n\n"
                     status = 200
                 except Exception as error:
-                    api_error = to_api_error(error)
+                    api_error = to_api_error(error, config.retry_after_s)
                     status = api_error.status_code
                     yield f"data: {api_error.to_response().model_dump_json()}\n\n"
             yield "data: [DONE]\n\n"
@@ -231,25 +309,41 @@ def build_app(
             admission.release()
             metrics.observe_request(endpoint, status)
 
+    async def read_body(raw: Request) -> bytes:
+        """The body, refused (413) as soon as it passes the limit: never held whole if larger."""
+        declared = raw.headers.get("content-length", "")
+        if declared.isdigit():
+            limits.check_body_size(int(declared))
+        body = bytearray()
+        async for piece in raw.stream():
+            body += piece
+            limits.check_body_size(len(body))
+        return bytes(body)
+
     async def parse(raw: Request, model: type[R]) -> R:
         """The body as ``model``; JSON whatever the Content-Type says, as OpenAI accepts."""
         try:
-            return model.model_validate_json(await raw.body())
+            return model.model_validate_json(await read_body(raw))
         except ValidationError as error:
             metrics.observe_request(_ENDPOINTS[raw.url.path], 400)
             raise validation_error_to_api_error(error) from error
+        except APIError as error:
+            metrics.observe_request(_ENDPOINTS[raw.url.path], error.status_code)
+            raise
 
-    @app.post("/v1/completions")
+    authorized = [Depends(require_api_key)]
+
+    @app.post("/v1/completions", dependencies=authorized)
     async def completions(raw: Request) -> Response:
         request = await parse(raw, CompletionRequest)
         return await generate(raw, request, _ENDPOINTS["/v1/completions"])
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=authorized)
     async def chat_completions(raw: Request) -> Response:
         request = await parse(raw, ChatCompletionRequest)
         return await generate(raw, request, _ENDPOINTS["/v1/chat/completions"])
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=authorized)
     async def models() -> ModelList:
         return ModelList(
             data=[
@@ -260,10 +354,13 @@ def build_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        if admission.draining:
+            body = {"status": "draining", "num_requests_in_flight": admission.num_in_flight}
+            return JSONResponse(body, status_code=503, headers=admission.retry_after)
         try:
             details = await backend.check_health()
         except BackendUnavailableError as error:
-            return _error_response(to_api_error(error))
+            return _error_response(to_api_error(error, config.retry_after_s))
         return JSONResponse({"status": "ok", **details})
 
     @app.get("/metrics")
@@ -271,4 +368,5 @@ def build_app(
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    document_api(app, auth.enabled)
     return app

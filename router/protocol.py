@@ -29,6 +29,7 @@ class APIError(Exception):
         error_type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -36,6 +37,7 @@ class APIError(Exception):
         self.error_type = error_type
         self.param = param
         self.code = code
+        self.headers = headers or {}  # extra HTTP headers: Retry-After, WWW-Authenticate
 
     def to_response(self) -> ErrorResponse:
         return ErrorResponse(

@@ -1,12 +1,22 @@
-"""``pdserve serve``: build the cluster, the backend and the app, then run uvicorn."""
+"""``pdserve serve``: build the cluster, the backend and the app, then run uvicorn.
+
+SIGTERM (or the first Ctrl-C) drains: the app refuses new generation requests (503) and
+``/health`` says ``draining`` while the requests in flight run to their end, for at most
+``--drain-timeout-s``; then uvicorn stops and the lifespan shuts the cluster down. A second
+signal stops at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import logging
+import signal
 import typing
+from types import FrameType
 
+import uvicorn
 from fastapi import FastAPI
 
 from engine.config import EngineConfig
@@ -15,8 +25,10 @@ from engine.tiny import TINY_MODEL_LABEL, TINY_MODEL_NAME
 from engine.tokenizer import load_tokenizer
 from kv_transfer.base import KVTransferConfig
 from router.api import RouterConfig, build_app
+from router.auth import API_KEY_ENV, api_keys_from
 from router.backends.cluster import BackendConfig, ClusterBackend
 from router.cluster import Cluster, ClusterConfig, parse_resources
+from router.limits import RequestLimits
 from router.metrics import RouterMetrics
 
 logger = logging.getLogger(__name__)
@@ -29,6 +41,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--served-model-name", action="append", default=None)
     group.add_argument("--request-timeout-s", type=float, default=None)
     group.add_argument("--max-concurrent-requests", type=int, default=None)
+    group.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help=f"require `Authorization: Bearer KEY` on /v1/* (repeatable; also ${API_KEY_ENV}, "
+        "comma-separated); /health and /metrics stay open",
+    )
+    group.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, how long requests in flight may take to finish before exiting",
+    )
+    group.add_argument("--retry-after-s", type=int, default=RouterConfig.retry_after_s)
+
+    group = parser.add_argument_group("request limits")
+    hints = typing.get_type_hints(RequestLimits)
+    for field in dataclasses.fields(RequestLimits):
+        kind = int if "int" in str(hints[field.name]) else float
+        group.add_argument("--" + field.name.replace("_", "-"), type=kind, default=field.default)
 
     group = parser.add_argument_group("cluster")
     group.add_argument("--num-prefill", type=int, default=1)
@@ -138,15 +170,46 @@ def build_app_from_args(
             served_model_names=tuple(args.served_model_name or ()),
             request_timeout_s=args.request_timeout_s,
             max_concurrent_requests=args.max_concurrent_requests,
+            api_keys=api_keys_from(args.api_key),
+            limits=RequestLimits(
+                **{f.name: getattr(args, f.name) for f in dataclasses.fields(RequestLimits)}
+            ),
+            retry_after_s=args.retry_after_s,
         ),
         backend.metrics,
     )
     return app, backend
 
 
-def run_serve(args: argparse.Namespace, engine: EngineConfig) -> int:
-    import uvicorn
+def make_server(app: FastAPI, config: uvicorn.Config, drain_timeout_s: float) -> uvicorn.Server:
+    """A uvicorn server for ``app`` whose first SIGTERM/SIGINT drains before it stops."""
 
+    class DrainingServer(uvicorn.Server):
+        drain_started = False
+        drain_task: asyncio.Task | None = None
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if self.drain_started or sig not in (signal.SIGTERM, signal.SIGINT):
+                super().handle_exit(sig, frame)  # a second signal: stop now
+                return
+            self.drain_started = True
+            logger.info("%s: draining (up to %.0f s)", signal.Signals(sig).name, drain_timeout_s)
+            # Signal handlers run on the main thread, the loop's, between two of its steps.
+            asyncio.get_running_loop().call_soon_threadsafe(self._start_drain)
+
+        def _start_drain(self) -> None:
+            self.drain_task = asyncio.get_running_loop().create_task(self._drain())
+
+        async def _drain(self) -> None:
+            try:
+                await app.state.drain(drain_timeout_s)
+            finally:
+                self.should_exit = True
+
+    return DrainingServer(config)
+
+
+def run_serve(args: argparse.Namespace, engine: EngineConfig) -> int:
     app, _ = build_app_from_args(args, engine)
     model = engine.model.model
     shape = (
@@ -166,5 +229,8 @@ def run_serve(args: argparse.Namespace, engine: EngineConfig) -> int:
         f'"max_tokens": 32}}\'',
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    if app.state.auth_required:
+        print("pdserve: /v1/* needs `Authorization: Bearer <api key>`")
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    make_server(app, config, args.drain_timeout_s).run()
     return 0

@@ -380,7 +380,8 @@ class TestServer:
             events = [line for line in lines if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]"
         error = json.loads(events[-2].removeprefix("data: "))["error"]
-        assert error["type"] == "service_unavailable" and "aborted" in error["message"]
+        assert error["type"] == "service_unavailable" and "a worker failed" in error["message"]
+        assert response_id not in error["message"]  # the details stay in the log
         assert not any('"finish_reason":"abort"' in event for event in events)
         served.wait_until_idle()
 
