@@ -45,7 +45,7 @@ class TransferStatus(enum.Enum):
 class KVTransferConfig:
     """How KV moves between workers. Field names are the CLI flags / YAML keys."""
 
-    transport: str = "grpc"  # "grpc" | "local" | "nixl" (a later issue)
+    transport: str = "grpc"  # "grpc" | "local" | "nixl"
     chunk_bytes: int = 1 * MiB  # payload of one message: consecutive blocks of one layer
     max_message_bytes: int = 64 * MiB  # gRPC send/receive limit; one block must fit
     max_inflight_chunks: int = 32  # per request stream: bounds the sender's staging memory
@@ -102,7 +102,9 @@ class KVChunk:
     dtype: str
     shape: tuple[int, ...]  # [num_blocks, 2, block_size, num_kv_heads, head_dim]
     payload: bytes | memoryview | None
-    checksum: int  # layout.checksum(payload)
+    checksum: int  # layout.checksum(payload); 0 without a payload
+    # Without a payload: layout.block_checksums of each destination block, in block_ids order.
+    block_checksums: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,20 @@ class TransferResult:
     num_chunks: int  # writes acknowledged
     num_blocks: int  # (layer, block) pairs acknowledged
     complete: bool  # the receiver holds every (layer, block) of the reservation
+
+
+@dataclass(frozen=True)
+class ReceiverInfo:
+    """What a sender needs to reach a receiver before any request: pairing-time handshake.
+
+    Set by ``KVReceiver.info``; the router hands it to prefill workers when it pairs them
+    with a decode worker, so ``KVSender.connect`` does the handshake off the request path.
+    """
+
+    transport: str
+    address: str
+    layout_signature: str
+    metadata: bytes = b""  # as TransferTarget.metadata
 
 
 class KVTransferError(Exception):
@@ -154,6 +170,14 @@ class TransportError(KVTransferError):
 
 class KVSender(ABC):
     """Prefill side: writes a request's KV blocks into a decode worker's reserved blocks."""
+
+    def connect(self, receiver: ReceiverInfo) -> None:
+        """Handshake with a receiver ahead of its first request (pairing time).
+
+        Raises LayoutMismatchError when the caches differ, TransportError when the receiver
+        cannot be reached. Transports without a handshake do nothing.
+        """
+        return None
 
     @abstractmethod
     def begin(self, target: TransferTarget) -> None:

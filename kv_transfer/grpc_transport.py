@@ -89,6 +89,8 @@ class _KVTransferServicer:
         for raw in request_iterator:
             try:
                 chunk = grpc_codec.decode_chunk(raw)
+                if chunk.payload is None:
+                    raise InvalidChunkError("a gRPC KVChunk must carry its blocks' payload")
                 if first is None:
                     first = chunk
                 if (chunk.request_id, chunk.epoch) != (first.request_id, first.epoch):
@@ -138,6 +140,9 @@ class _GrpcEndpoint:
         self._server.start()
         self.address = f"{advertise_host or host}:{port}"
         logger.info("KV receiver listening on %s (advertised %s)", address, self.address)
+
+    def revoke(self, request_id: str) -> None:
+        """Nothing to do: every later write of the request is refused in ``receive``."""
 
     def close(self) -> None:
         self._server.stop(grace=None).wait()

@@ -45,6 +45,9 @@ class _LocalEndpoint:
                 raise ValueError(f"local KV receiver {self.address!r} already exists")
             _receivers[self.address] = receiver
 
+    def revoke(self, request_id: str) -> None:
+        """Nothing to do: every later write of the request is refused in ``receive``."""
+
     def close(self) -> None:
         with _registry_lock:
             _receivers.pop(self.address, None)

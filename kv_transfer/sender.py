@@ -32,11 +32,19 @@ from kv_transfer.base import (
     KVSender,
     KVTransferConfig,
     LayoutMismatchError,
+    ReceiverInfo,
     TransferAbortedError,
     TransferResult,
     TransferTarget,
 )
-from kv_transfer.layout import KVLayout, PackFn, checksum, pack_fns, payload_bytes
+from kv_transfer.layout import (
+    KVLayout,
+    PackFn,
+    block_checksums,
+    checksum,
+    pack_fns,
+    payload_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +59,12 @@ class ChunkStream(ABC):
         """Send one chunk. May block (backpressure); must not keep ``chunk.payload`` after
         returning. Raises the KVTransferError that ended the stream, if one did."""
 
+    def write_blocks(self, chunk: KVChunk, src_block_ids: Sequence[int]) -> None:
+        """One-sided transports: write ``src_block_ids`` of the local cache into
+        ``chunk.block_ids`` of the remote one, and notify with ``chunk`` (no payload). May
+        return before the bytes land; ``finish`` waits for them."""
+        raise NotImplementedError(f"{type(self).__name__} carries payloads")
+
     @abstractmethod
     def finish(self) -> Future[TransferResult]:
         """No more chunks; resolves when the receiver acknowledged the stream."""
@@ -64,6 +78,12 @@ class StreamOpener(ABC):
     """A transport's sending half: opens request streams, owns connections."""
 
     transport: str  # the registry name; a target of another transport is refused
+    # True: streams take ``write_blocks`` (no pack, no payload), e.g. NIXL WRITEs.
+    one_sided: bool = False
+
+    def connect(self, receiver: ReceiverInfo) -> None:
+        """Pairing-time handshake (KVSender.connect); nothing by default."""
+        return None
 
     @abstractmethod
     def open(self, target: TransferTarget) -> ChunkStream: ...
@@ -125,10 +145,10 @@ class StreamingKVSender(KVSender):
         # One chunk's packed blocks, reused for every chunk (only the sender thread touches
         # it); staged through pinned host memory when the cache is on a GPU.
         device = kv_caches[0].device
-        staging_shape = self.layout.packed_shape(self._blocks_per_chunk)
+        staging_shape = self.layout.packed_shape(0 if opener.one_sided else self._blocks_per_chunk)
         self._staging = torch.empty(staging_shape, dtype=self.layout.torch_dtype, device=device)
         self._host_staging = None
-        if device.type != "cpu":
+        if device.type != "cpu" and not opener.one_sided:
             self._host_staging = torch.empty(
                 staging_shape, dtype=self.layout.torch_dtype, pin_memory=True
             )
@@ -139,17 +159,26 @@ class StreamingKVSender(KVSender):
         self._thread = threading.Thread(target=self._run, name="kv-sender", daemon=True)
         self._thread.start()
 
-    def begin(self, target: TransferTarget) -> None:
-        if target.transport != self._opener.transport:
+    def connect(self, receiver: ReceiverInfo) -> None:
+        self._check_peer(receiver.transport, receiver.layout_signature, receiver.address)
+        self._opener.connect(receiver)
+
+    def _check_peer(self, transport: str, layout_signature: str, what: str) -> None:
+        if transport != self._opener.transport:
             raise ValueError(
-                f"target of request {target.request_id!r} is for transport "
-                f"{target.transport!r}, this sender speaks {self._opener.transport!r}"
+                f"{what} is for transport {transport!r}, this sender speaks "
+                f"{self._opener.transport!r}"
             )
-        if target.layout_signature != self.layout.signature:
+        if layout_signature != self.layout.signature:
             raise LayoutMismatchError(
-                f"request {target.request_id!r}: decode layout {target.layout_signature!r} "
-                f"!= prefill layout {self.layout.signature!r}"
+                f"{what}: decode layout {layout_signature!r} != prefill layout "
+                f"{self.layout.signature!r}"
             )
+
+    def begin(self, target: TransferTarget) -> None:
+        self._check_peer(
+            target.transport, target.layout_signature, f"target of request {target.request_id!r}"
+        )
         with self._lock:
             if self._closed:
                 raise RuntimeError("KV sender is closed")
@@ -245,6 +274,9 @@ class StreamingKVSender(KVSender):
         if job.ready is not None:
             job.ready.synchronize()
         kv_layer = self._kv_caches[job.layer]
+        if self._opener.one_sided:
+            self._write_blocks(job)
+            return
         for start in range(0, len(job.dst_block_ids), self._blocks_per_chunk):
             src_ids = job.src_block_ids[start : start + self._blocks_per_chunk]
             ids = torch.tensor(src_ids, dtype=torch.int64, device=kv_layer.device)
@@ -272,6 +304,31 @@ class StreamingKVSender(KVSender):
                     return
             outgoing.stream.write(chunk)  # done with the staging buffer when it returns
             outgoing.num_chunks += 1
+
+    def _write_blocks(self, job: _LayerJob) -> None:
+        """One-sided: the layer's blocks go cache to cache; the notification carries checks."""
+        outgoing, target = job.outgoing, job.outgoing.target
+        chunk = KVChunk(
+            request_id=target.request_id,
+            epoch=target.epoch,
+            layer=job.layer,
+            block_ids=job.dst_block_ids,
+            layout_signature=self.layout.signature,
+            dtype=self.layout.dtype,
+            shape=self.layout.packed_shape(len(job.dst_block_ids)),
+            payload=None,
+            checksum=0,
+            block_checksums=tuple(block_checksums(self._kv_caches[job.layer], job.src_block_ids)),
+        )
+        if outgoing.aborted:
+            return
+        if outgoing.stream is None:
+            outgoing.stream = self._opener.open(target)
+            if outgoing.aborted:
+                outgoing.stream.cancel()
+                return
+        outgoing.stream.write_blocks(chunk, job.src_block_ids)
+        outgoing.num_chunks += 1
 
     def _finish(self, outgoing: _Outgoing, future: Future[TransferResult]) -> None:
         target = outgoing.target
