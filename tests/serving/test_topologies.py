@@ -1,5 +1,5 @@
 """The same greedy outputs from every shape of cluster: 2P2D over gRPC (Ray), 1P1D with the
-in-process ``local`` transport, and ``--colocated`` (decode workers that prefill for
+in-process ``local`` transport, 1P1D over NIXL (Ray), and ``--colocated`` (decode workers that prefill for
 themselves, Ray). Each equals the offline engine token for token, for chat and completions,
 streamed and not, and ``/metrics`` shows the prefill path that was taken.
 """
@@ -20,6 +20,8 @@ LONG_WORDS = 40  # ~130 tokens: more than the local-prefill threshold
 TOPOLOGIES = {
     "2p2d": ["--num-prefill", "2", "--num-decode", "2", "--transport", "grpc"],
     "local": ["--num-prefill", "1", "--num-decode", "1", "--transport", "local"],
+    # Real NIXL over UCX between the two actor processes (one-sided WRITEs, cache to cache).
+    "1p1d-nixl": ["--num-prefill", "1", "--num-decode", "1", "--transport", "nixl"],
     "colocated": ["--colocated", "--num-decode", "1"],
 }
 
@@ -53,7 +55,7 @@ def test_greedy_output_equals_offline(
 def test_workers_are_where_the_topology_says(topology: tuple[str, Server]) -> None:
     name, server = topology
     infos = server.worker_infos
-    expected = {"2p2d": (2, 2), "local": (1, 1), "colocated": (0, 1)}[name]
+    expected = {"2p2d": (2, 2), "local": (1, 1), "1p1d-nixl": (1, 1), "colocated": (0, 1)}[name]
     roles = [i.role for i in infos.values()]
     assert (roles.count("prefill"), roles.count("decode")) == expected
     pids = {i.pid for i in infos.values()}
