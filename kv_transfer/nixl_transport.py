@@ -511,6 +511,7 @@ class _NixlOpener(StreamOpener):
             _HELLO, metadata=agent.get_agent_metadata().hex(), layout=self.agent.layout.signature
         )
         agent.send_notif(remote_name, hello)
+        logger.info("NIXL handshake with decode worker %s (agent %s)", address, remote_name)
         return peer
 
     def drop_peer(self, peer: _Peer) -> None:

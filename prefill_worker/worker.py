@@ -28,7 +28,7 @@ from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ScheduledSequence, SchedulerOutput, TokenLogprobs
 from engine.worker import EngineWorker
-from kv_transfer.base import KVTransferConfig, TransferResult, TransferTarget
+from kv_transfer.base import KVTransferConfig, ReceiverInfo, TransferResult, TransferTarget
 from kv_transfer.transport import get_transport
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,10 @@ class PrefillWorker(EngineWorker):
         self._transfers: dict[str, _Transfer] = {}  # loop thread only
         self._results: dict[str, Future[TransferStats]] = {}
         self.loop.start()
+
+    async def connect_kv(self, receiver: ReceiverInfo) -> None:
+        """Pairing: handshake with a decode worker's KV receiver before any request (NIXL)."""
+        await asyncio.to_thread(self.sender.connect, receiver)
 
     async def prefill(
         self,

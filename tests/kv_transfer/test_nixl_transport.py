@@ -67,13 +67,18 @@ def _send_all(sender: KVSender, request_id: str, layers: range = range(LAYOUT.nu
 
 
 def test_blocks_land_in_the_reserved_blocks_and_verify(
-    sender: KVSender, peer: DecodePeer, src_caches: list[torch.Tensor]
+    sender: KVSender,
+    peer: DecodePeer,
+    src_caches: list[torch.Tensor],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     target = peer.expect("ok", DST)
     assert target.transport == "nixl" and target.metadata == peer.info.metadata
-    sender.begin(target)
-    _send_all(sender, "ok")
-    result = sender.flush("ok").result(timeout=30)
+    with caplog.at_level(logging.INFO, logger="kv_transfer.nixl_transport"):
+        sender.begin(target)
+        _send_all(sender, "ok")
+        result = sender.flush("ok").result(timeout=30)
+    assert "handshake" not in caplog.text  # done at pairing (connect), not on the request path
     assert (result.num_chunks, result.num_blocks, result.complete) == (3, 15, True)
     assert peer.wait("ok") is True
     assert torch.equal(peer.blocks(DST), _expected(src_caches, SRC))

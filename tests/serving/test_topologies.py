@@ -1,7 +1,7 @@
 """The same greedy outputs from every shape of cluster: 2P2D over gRPC (Ray), 1P1D with the
-in-process ``local`` transport, 1P1D over NIXL (Ray), and ``--colocated`` (decode workers that prefill for
-themselves, Ray). Each equals the offline engine token for token, for chat and completions,
-streamed and not, and ``/metrics`` shows the prefill path that was taken.
+in-process ``local`` transport, 1P1D over NIXL (Ray), and ``--colocated`` (decode workers
+that prefill for themselves, Ray). Each equals the offline engine token for token, for chat
+and completions, streamed and not, and ``/metrics`` shows the prefill path that was taken.
 """
 
 from __future__ import annotations
