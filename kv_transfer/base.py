@@ -51,6 +51,7 @@ class KVTransferConfig:
     max_inflight_chunks: int = 32  # per request stream: bounds the sender's staging memory
     lease_s: float = 60.0  # a reservation not complete after this is dropped by expire()
     num_server_threads: int = 16  # gRPC receiver: concurrent incoming request streams
+    num_streams: int = 2  # gRPC: concurrent calls (connections) per request's transfer
 
     def __post_init__(self) -> None:
         if not self.transport:
@@ -70,6 +71,8 @@ class KVTransferConfig:
             raise ValueError(f"lease_s must be positive, got {self.lease_s}")
         if self.num_server_threads <= 0:
             raise ValueError(f"num_server_threads must be positive, got {self.num_server_threads}")
+        if self.num_streams <= 0:
+            raise ValueError(f"num_streams must be positive, got {self.num_streams}")
 
 
 @dataclass(frozen=True)

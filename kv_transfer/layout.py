@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import crc32c
+import numpy as np
 import torch
 
 from engine.kv_cache import TORCH_DTYPES, gather_blocks, kv_cache_shape, scatter_blocks
@@ -142,11 +143,14 @@ def block_checksums(
         ids = torch.tensor(list(block_ids), dtype=torch.int64, device=kv_layer.device)
         packed = gather_blocks(kv_layer, ids).cpu()  # [n, 2, block_size, H, D]
         return [checksum(payload_bytes(packed[i])) for i in range(len(block_ids))]
-    keys, values = kv_layer[0], kv_layer[1]
-    return [checksum(payload_bytes(values[b]), checksum(payload_bytes(keys[b]))) for b in block_ids]
+    if not kv_layer.is_contiguous():
+        raise ValueError("block_checksums needs the engine's contiguous cache layer")
+    rows = kv_layer.view(torch.uint8).numpy().reshape(2, kv_layer.shape[1], -1)
+    keys, values = rows[0], rows[1]  # [num_blocks, block bytes / 2]: one row per block
+    return [checksum(values[b], checksum(keys[b])) for b in block_ids]
 
 
-def checksum(payload: bytes | bytearray | memoryview, value: int = 0) -> int:
+def checksum(payload: bytes | bytearray | memoryview | np.ndarray, value: int = 0) -> int:
     """CRC-32C (Castagnoli) of a payload, continuing from ``value``.
 
     Hardware CRC32C (SSE4.2 / ARMv8 CRC) runs at ~11 GB/s on one core here against 2.9 GB/s
