@@ -111,6 +111,18 @@ class KVChunk:
 
 
 @dataclass(frozen=True)
+class TransferBreakdown:
+    """Where one request's transfer time went; each in seconds from its first layer handed
+    to the sender (``send_layer``). Set by the sender; ``verify_s`` comes with the ack."""
+
+    queue_wait_s: float  # until the sender thread took the first layer
+    first_byte_s: float  # until the first write left (gRPC: to the call; NIXL: WRITE posted)
+    last_byte_s: float  # until the last write left
+    acknowledged_s: float  # until the receiver acknowledged every write
+    verify_s: float  # receiver time spent checking checksums, summed over the writes
+
+
+@dataclass(frozen=True)
 class TransferResult:
     """What a flush resolves to: the receiver's acknowledgement of one request's stream."""
 
@@ -119,6 +131,8 @@ class TransferResult:
     num_chunks: int  # writes acknowledged
     num_blocks: int  # (layer, block) pairs acknowledged
     complete: bool  # the receiver holds every (layer, block) of the reservation
+    verify_s: float = 0.0  # receiver time spent checking these writes' checksums
+    breakdown: TransferBreakdown | None = None  # set by the sender when it resolves flush
 
 
 @dataclass(frozen=True)

@@ -121,9 +121,12 @@ def encode_ack(result: TransferResult) -> bytes:
         num_chunks=result.num_chunks,
         num_blocks=result.num_blocks,
         complete=result.complete,
+        verify_seconds=result.verify_s,
     ).SerializeToString()
 
 
 def decode_ack(raw: bytes) -> TransferResult:
     ack = kv_transfer_pb2.KVAck.FromString(raw)
-    return TransferResult(ack.request_id, ack.epoch, ack.num_chunks, ack.num_blocks, ack.complete)
+    return TransferResult(
+        ack.request_id, ack.epoch, ack.num_chunks, ack.num_blocks, ack.complete, ack.verify_seconds
+    )

@@ -87,7 +87,7 @@ class _KVTransferServicer:
     def push_kv(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         first: KVChunk | None = None
         num_chunks = num_blocks = 0
-        complete = False
+        complete, verify_s = False, 0.0
         for raw in request_iterator:
             try:
                 chunk = grpc_codec.decode_chunk(raw)
@@ -100,14 +100,15 @@ class _KVTransferServicer:
                         f"one call carries one request: got {chunk.request_id!r} epoch "
                         f"{chunk.epoch} after {first.request_id!r} epoch {first.epoch}"
                     )
-                complete = self._receiver.receive(chunk)
+                complete, seconds = self._receiver.receive_timed(chunk)
+                verify_s += seconds
             except KVTransferError as error:
                 context.set_trailing_metadata(((_ERROR_KEY, type(error).__name__),))
                 context.abort(_STATUS_CODES[type(error)], str(error))
             num_chunks += 1
             num_blocks += len(chunk.block_ids)
         request_id, epoch = (first.request_id, first.epoch) if first else ("", 0)
-        result = TransferResult(request_id, epoch, num_chunks, num_blocks, complete)
+        result = TransferResult(request_id, epoch, num_chunks, num_blocks, complete, verify_s)
         return grpc_codec.encode_ack(result)
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -258,6 +259,7 @@ class _GrpcStream(ChunkStream):
                     num_blocks=sum(r.num_blocks for r in results),
                     # The write that completed the reservation was some call's last one.
                     complete=any(r.complete for r in results),
+                    verify_s=sum(r.verify_s for r in results),
                 )
             )
 

@@ -182,6 +182,7 @@ class _Incoming:
     num_chunks: int = 0
     num_blocks: int = 0
     complete: bool = False
+    verify_s: float = 0.0
     expected_chunks: int | None = None  # set by F
     error: KVTransferError | None = None
 
@@ -301,8 +302,9 @@ class _NixlEndpoint:
         try:
             if chunk.payload is not None:
                 raise TransportError("a NIXL notification carries no payload")
-            incoming.complete = self._receiver.receive(chunk)
+            incoming.complete, seconds = self._receiver.receive_timed(chunk)
             incoming.num_blocks += len(chunk.block_ids)
+            incoming.verify_s += seconds
         except KVTransferError as error:
             incoming.error = error
             self._agent.agent.send_notif(
@@ -328,7 +330,12 @@ class _NixlEndpoint:
                 del self._writers[request_id]
         if incoming.error is None:
             result = TransferResult(
-                request_id, epoch, incoming.num_chunks, incoming.num_blocks, incoming.complete
+                request_id,
+                epoch,
+                incoming.num_chunks,
+                incoming.num_blocks,
+                incoming.complete,
+                incoming.verify_s,
             )
             self._agent.agent.send_notif(sender, _ACK + grpc_codec.encode_ack(result))
 

@@ -111,9 +111,15 @@ class KVReceiver:
 
     def receive(self, chunk: KVChunk) -> bool:
         """Verify one write and put it in the cache; True when the request is now complete."""
+        return self.receive_timed(chunk)[0]
+
+    def receive_timed(self, chunk: KVChunk) -> tuple[bool, float]:
+        """``receive``, and the seconds its checks (checksum included) took."""
         reservation = self._table.admit(chunk.request_id, chunk.epoch, chunk.layer, chunk.block_ids)
         try:
+            start = time.perf_counter()
             packed = self._verified_packed(chunk)
+            verify_s = time.perf_counter() - start
             with reservation.write_lock:
                 _check_live(reservation)
                 if packed is not None:
@@ -123,7 +129,7 @@ class KVReceiver:
                 self._table.fail(reservation, str(error))
             logger.warning("rejected KV write: %s", error)
             raise
-        return self._table.record(reservation, len(chunk.block_ids))
+        return self._table.record(reservation, len(chunk.block_ids)), verify_s
 
     def status(self, request_id: str) -> TransferStatus | None:
         """The reservation's status, or None when there is none (never made, or dropped)."""

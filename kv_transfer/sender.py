@@ -20,10 +20,11 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,6 +35,7 @@ from kv_transfer.base import (
     LayoutMismatchError,
     ReceiverInfo,
     TransferAbortedError,
+    TransferBreakdown,
     TransferResult,
     TransferTarget,
 )
@@ -103,6 +105,12 @@ class _Outgoing:
     stream: ChunkStream | None = None
     error: BaseException | None = None
     num_chunks: int = 0
+    # time.monotonic() of: the first send_layer (caller's thread), the sender thread taking
+    # its first layer, its first and its latest write (the breakdown of the transfer time).
+    enqueued_at: float | None = None
+    started_at: float | None = None
+    first_write_at: float | None = None
+    last_write_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -211,6 +219,8 @@ class StreamingKVSender(KVSender):
         if self._kv_caches[layer].is_cuda:
             ready = torch.cuda.Event()
             ready.record()
+        if outgoing.enqueued_at is None:
+            outgoing.enqueued_at = time.monotonic()
         job = _LayerJob(outgoing, layer, tuple(src_block_ids), tuple(dst_block_ids), ready)
         self._jobs.put(job)
 
@@ -262,6 +272,8 @@ class StreamingKVSender(KVSender):
                 if isinstance(job, _FlushJob):
                     self._finish(outgoing, job.future)
                 elif not outgoing.aborted and outgoing.error is None:
+                    if outgoing.started_at is None:
+                        outgoing.started_at = time.monotonic()
                     self._send(job)
             except BaseException as error:  # kept for the flush future, never dropped
                 logger.warning("KV transfer of %s failed: %r", outgoing.target.request_id, error)
@@ -303,7 +315,7 @@ class StreamingKVSender(KVSender):
                     outgoing.stream.cancel()
                     return
             outgoing.stream.write(chunk)  # done with the staging buffer when it returns
-            outgoing.num_chunks += 1
+            _wrote(outgoing)
 
     def _write_blocks(self, job: _LayerJob) -> None:
         """One-sided: the layer's blocks go cache to cache; the notification carries checks."""
@@ -328,7 +340,7 @@ class StreamingKVSender(KVSender):
                 outgoing.stream.cancel()
                 return
         outgoing.stream.write_blocks(chunk, job.src_block_ids)
-        outgoing.num_chunks += 1
+        _wrote(outgoing)
 
     def _finish(self, outgoing: _Outgoing, future: Future[TransferResult]) -> None:
         target = outgoing.target
@@ -340,7 +352,27 @@ class StreamingKVSender(KVSender):
             logger.warning("flush of %s with no block sent", target.request_id)
             future.set_result(TransferResult(target.request_id, target.epoch, 0, 0, False))
         else:
-            _chain(outgoing.stream.finish(), future)
+            _chain(outgoing.stream.finish(), future, outgoing)
+
+
+def _wrote(outgoing: _Outgoing) -> None:
+    outgoing.num_chunks += 1
+    outgoing.last_write_at = time.monotonic()
+    if outgoing.first_write_at is None:
+        outgoing.first_write_at = outgoing.last_write_at
+
+
+def _breakdown(outgoing: _Outgoing, result: TransferResult) -> TransferBreakdown | None:
+    start = outgoing.enqueued_at
+    if start is None or outgoing.first_write_at is None:
+        return None
+    return TransferBreakdown(
+        queue_wait_s=(outgoing.started_at or start) - start,
+        first_byte_s=outgoing.first_write_at - start,
+        last_byte_s=(outgoing.last_write_at or outgoing.first_write_at) - start,
+        acknowledged_s=time.monotonic() - start,
+        verify_s=result.verify_s,
+    )
 
 
 def _abort(outgoing: _Outgoing) -> None:
@@ -350,13 +382,16 @@ def _abort(outgoing: _Outgoing) -> None:
         stream.cancel()
 
 
-def _chain(source: Future[TransferResult], target: Future[TransferResult]) -> None:
+def _chain(
+    source: Future[TransferResult], target: Future[TransferResult], outgoing: _Outgoing
+) -> None:
     def copy(done: Future[TransferResult]) -> None:
         error = done.exception()
         if error is not None:
             target.set_exception(error)
         else:
-            target.set_result(done.result())
+            result = done.result()
+            target.set_result(replace(result, breakdown=_breakdown(outgoing, result)))
 
     source.add_done_callback(copy)
 

@@ -111,6 +111,17 @@ def test_every_layer_lands_bitwise_in_other_block_ids(transport: str, dtype: str
         receiver.close()
 
 
+def test_flush_reports_where_the_time_went(pair) -> None:
+    sender, receiver, _, _ = pair
+    sender.begin(receiver.expect("r", [1, 2]))
+    for layer in range(3):
+        sender.send_layer("r", layer, [0, 1], [1, 2])
+    result = sender.flush("r").result(WAIT_S)
+    b = result.breakdown
+    assert b is not None and result.verify_s == b.verify_s > 0
+    assert 0 <= b.queue_wait_s <= b.first_byte_s <= b.last_byte_s <= b.acknowledged_s < WAIT_S
+
+
 def test_missing_block_is_not_complete_and_wait_times_out(pair) -> None:
     sender, receiver, _, _ = pair
     target = receiver.expect("r", [1, 2])
