@@ -1,15 +1,11 @@
 """NIXL transport: one-sided WRITEs over UCX from the prefill cache into the decode cache.
 
-Decode side (``_NixlEndpoint``): one NIXL agent per receiver, named ``<address>/<incarnation>``
-(the incarnation is a fresh nanosecond clock per start, so a restarted decode worker is a new
-agent even at the same address). It registers every layer of the KV cache once, at start
-(DRAM on CPU, VRAM on GPU), and publishes a ``NixlPeerInfo`` (agent metadata, layer base
-addresses, block count, layout signature) as ``ReceiverInfo.metadata`` and
-``TransferTarget.metadata``. One thread ("kv-nixl-recv") reads the agent's notifications
-and hands each write's ``KVChunk`` to ``KVReceiver.receive``, which checks reservation, epoch,
-layout and each (layer, block)'s checksum over the bytes that landed.
+Decode side: ``kv_transfer.nixl_receiver.NixlEndpoint`` (one agent, the whole KV cache
+registered once at start, DRAM on CPU and VRAM on GPU; its ``NixlPeerInfo`` published as
+``ReceiverInfo.metadata`` and ``TransferTarget.metadata``). Shared parts (the agent wrapper,
+region descriptors, message kinds): ``kv_transfer.nixl_agent``.
 
-Prefill side (``_NixlOpener``): one agent with the prefill cache registered and one prepared
+Prefill side (``NixlOpener``, here): one agent with the prefill cache registered and one prepared
 descriptor list over every (layer, K/V, block) region, made at start. Per decode worker (by
 address), once: load its agent metadata, prepare the remote descriptor list, and handshake -
 at pairing time (``KVSender.connect``), or at the first request if the router never paired
@@ -55,9 +51,8 @@ import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from kv_transfer import grpc_codec
@@ -74,273 +69,32 @@ from kv_transfer.base import (
     TransportError,
     UnknownRequestError,
 )
-from kv_transfer.layout import KVLayout, PackFn, UnpackFn
+from kv_transfer.layout import PackFn, UnpackFn
+from kv_transfer.nixl_agent import (
+    ACK,
+    CHUNK,
+    ERROR,
+    ERRORS_BY_NAME,
+    FINISH,
+    GRANT,
+    GRANT_REPLY,
+    HANDSHAKE_TIMEOUT_S,
+    HELLO,
+    HELLO_REPLY,
+    IDLE_SLEEP_S,
+    REVOKE,
+    NixlAgent,
+    NixlPeerInfo,
+    encode_message,
+    peer_name,
+    region_indices,
+)
+from kv_transfer.nixl_receiver import NixlEndpoint
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.sender import ChunkStream, StreamingKVSender, StreamOpener
 from kv_transfer.transport import Transport
 
 logger = logging.getLogger(__name__)
-
-HANDSHAKE_TIMEOUT_S = 10.0
-_IDLE_SLEEP_S = 0.0005  # a poller's sleep when no notification came
-_HELLO, _HELLO_REPLY, _GRANT, _GRANT_REPLY = b"H", b"h", b"G", b"g"
-_CHUNK, _FINISH, _ACK, _ERROR, _REVOKE = b"C", b"F", b"A", b"E", b"R"
-_ERRORS_BY_NAME = {
-    cls.__name__: cls
-    for cls in (KVTransferError, *KVTransferError.__subclasses__())  # one level: all of them
-}
-
-
-@dataclass(frozen=True)
-class NixlPeerInfo:
-    """What a remote writer needs about a decode worker's NIXL agent and cache."""
-
-    agent_name: str
-    agent_metadata: bytes  # nixl_agent.get_agent_metadata()
-    layout_signature: str
-    num_blocks: int
-    layer_addresses: tuple[int, ...]  # data_ptr() of each layer's [2, num_blocks, B, H, D]
-    mem_type: str  # "DRAM" | "VRAM"
-    device_id: int
-
-    def encode(self) -> bytes:
-        fields = asdict(self) | {"agent_metadata": self.agent_metadata.hex()}
-        return json.dumps(fields).encode()
-
-    @classmethod
-    def decode(cls, raw: bytes) -> NixlPeerInfo:
-        try:
-            fields = json.loads(raw)
-            fields["agent_metadata"] = bytes.fromhex(fields["agent_metadata"])
-            fields["layer_addresses"] = tuple(fields["layer_addresses"])
-            return cls(**fields)
-        except (ValueError, KeyError, TypeError) as error:
-            raise TransportError(f"malformed NIXL peer metadata: {error}") from error
-
-
-def _text(name: str | bytes) -> str:
-    return name.decode() if isinstance(name, bytes) else name
-
-
-def _json(kind: bytes, **fields: object) -> bytes:
-    return kind + json.dumps(fields).encode()
-
-
-class _Agent:
-    """A NIXL agent with one KV cache registered, and region descriptors over it."""
-
-    def __init__(self, name: str, kv_caches: Sequence[torch.Tensor]) -> None:
-        try:
-            from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
-        except ImportError as error:  # the registry turns this into "not available"
-            raise ModuleNotFoundError(f"the nixl package is not installed: {error}") from error
-        config = nixl_agent_config(
-            backends=["UCX"], sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
-        )
-        self.agent = nixl_agent(name, config)
-        if "UCX" not in self.agent.backends:
-            raise TransportError("NIXL's UCX backend did not start (see UCX_TLS in the README)")
-        self.name = name
-        self.layout = KVLayout.from_kv_caches(kv_caches)
-        self.num_blocks = int(kv_caches[0].shape[1])
-        self.mem_type = "DRAM" if kv_caches[0].device.type == "cpu" else "VRAM"
-        self.device_id = max(0, kv_caches[0].get_device())
-        self.layer_addresses = tuple(int(t.data_ptr()) for t in kv_caches)
-        self._registered = self.agent.register_memory(list(kv_caches))
-
-    def regions(
-        self, layer_addresses: Sequence[int], num_blocks: int, device_id: int
-    ) -> np.ndarray:  # [num_layers * 2 * num_blocks, 3]
-        """(address, length, device) of every (layer, K/V, block) region of a cache in this
-        layout, in ``region_indices`` order."""
-        half = self.layout.block_nbytes // 2  # one block's K (or V) of one layer
-        starts = np.arange(2 * num_blocks, dtype=np.int64) * half  # within a layer
-        addresses = (np.asarray(layer_addresses, dtype=np.int64)[:, None] + starts).reshape(-1)
-        rows = np.empty((addresses.shape[0], 3), dtype=np.int64)
-        rows[:, 0], rows[:, 1], rows[:, 2] = addresses, half, device_id
-        return rows
-
-    def close(self) -> None:
-        self.agent.deregister_memory(self._registered)
-
-
-def region_indices(
-    layer: int, block_ids: Sequence[int], num_blocks: int
-) -> np.ndarray:  # [2 * len(block_ids)] int32: the K regions, then the V regions
-    ids = np.asarray(block_ids, dtype=np.int64)
-    base = 2 * layer * num_blocks
-    return np.concatenate((base + ids, base + num_blocks + ids)).astype(np.int32)
-
-
-# -- decode side ---------------------------------------------------------------------------
-
-
-@dataclass
-class _Incoming:
-    """One prefill agent's stream of one request, as the decode poller counts it."""
-
-    num_chunks: int = 0
-    num_blocks: int = 0
-    complete: bool = False
-    verify_s: float = 0.0
-    expected_chunks: int | None = None  # set by F
-    error: KVTransferError | None = None
-
-
-class _NixlEndpoint:
-    transport = "nixl"
-
-    def __init__(
-        self, receiver: KVReceiver, kv_caches: Sequence[torch.Tensor], address: str
-    ) -> None:
-        self._receiver = receiver
-        self.address = address or f"nixl-{uuid.uuid4().hex[:12]}"
-        self._agent = _Agent(f"{self.address}/{time.time_ns()}", kv_caches)
-        self.metadata = NixlPeerInfo(
-            agent_name=self._agent.name,
-            agent_metadata=self._agent.agent.get_agent_metadata(),
-            layout_signature=self._agent.layout.signature,
-            num_blocks=self._agent.num_blocks,
-            layer_addresses=self._agent.layer_addresses,
-            mem_type=self._agent.mem_type,
-            device_id=self._agent.device_id,
-        ).encode()
-        self._peers: set[str] = set()
-        self._incoming: dict[tuple[str, str, int], _Incoming] = {}
-        self._writers_lock = threading.Lock()
-        self._writers: dict[str, tuple[str, int]] = {}  # request id -> (prefill agent, epoch)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="kv-nixl-recv", daemon=True)
-        self._thread.start()
-        logger.info("NIXL KV receiver %s (agent %s)", self.address, self._agent.name)
-
-    def revoke(self, request_id: str) -> None:
-        with self._writers_lock:
-            writer = self._writers.pop(request_id, None)
-        if writer is not None:
-            sender, epoch = writer
-            self._agent.agent.send_notif(sender, _json(_REVOKE, request_id=request_id, epoch=epoch))
-
-    def close(self) -> None:
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        self._thread.join()
-        self._agent.close()
-
-    def _run(self) -> None:
-        agent = self._agent.agent
-        while not self._stop.is_set():
-            notifications = agent.get_new_notifs()
-            if not notifications:
-                time.sleep(_IDLE_SLEEP_S)
-                continue
-            for sender, messages in notifications.items():
-                for message in messages:
-                    try:
-                        self._handle(_text(sender), message)
-                    except Exception:  # a bad message must not stop the receiver
-                        logger.exception("NIXL notification from %s dropped", sender)
-
-    def _handle(self, sender: str, message: bytes) -> None:
-        kind, body = message[:1], message[1:]
-        if kind == _CHUNK:
-            self._on_chunk(sender, grpc_codec.decode_chunk(body))
-        elif kind == _FINISH:
-            fields = json.loads(body)
-            key = (sender, fields["request_id"], fields["epoch"])
-            self._incoming.setdefault(key, _Incoming()).expected_chunks = fields["num_chunks"]
-            self._maybe_ack(key)
-        elif kind == _GRANT:
-            self._on_grant(sender, json.loads(body))
-        elif kind == _HELLO:
-            self._on_hello(sender, json.loads(body))
-        else:
-            logger.warning("unknown NIXL notification %r from %s", kind, sender)
-
-    def _on_hello(self, sender: str, fields: dict) -> None:
-        if sender in self._peers:  # the prefill worker re-handshakes: reload its agent
-            self._agent.agent.remove_remote_agent(sender)
-        self._agent.agent.add_remote_agent(bytes.fromhex(fields["metadata"]))
-        self._peers.add(sender)
-        error = ""
-        if fields["layout"] != self._agent.layout.signature:
-            error = (
-                f"decode worker {self.address}: prefill layout {fields['layout']!r} != "
-                f"decode layout {self._agent.layout.signature!r}"
-            )
-        self._agent.agent.send_notif(sender, _json(_HELLO_REPLY, error=error))
-
-    def _on_grant(self, sender: str, fields: dict) -> None:
-        request_id, epoch = fields["request_id"], fields["epoch"]
-        error = ""
-        try:
-            with self._writers_lock:  # recorded first: a cancel from now on revokes it
-                self._writers[request_id] = (sender, epoch)
-            self._receiver.check_epoch(request_id, epoch)
-        except KVTransferError as refused:
-            with self._writers_lock:
-                if self._writers.get(request_id) == (sender, epoch):
-                    del self._writers[request_id]
-            error = type(refused).__name__
-            fields["message"] = str(refused)
-        reply = _json(
-            _GRANT_REPLY,
-            request_id=request_id,
-            epoch=epoch,
-            error=error,
-            message=fields.get("message", ""),
-        )
-        self._agent.agent.send_notif(sender, reply)
-
-    def _on_chunk(self, sender: str, chunk: KVChunk) -> None:
-        key = (sender, chunk.request_id, chunk.epoch)
-        incoming = self._incoming.setdefault(key, _Incoming())
-        incoming.num_chunks += 1
-        if incoming.error is not None:
-            return  # fenced: reported once
-        try:
-            if chunk.payload is not None:
-                raise TransportError("a NIXL notification carries no payload")
-            incoming.complete, seconds = self._receiver.receive_timed(chunk)
-            incoming.num_blocks += len(chunk.block_ids)
-            incoming.verify_s += seconds
-        except KVTransferError as error:
-            incoming.error = error
-            self._agent.agent.send_notif(
-                sender,
-                _json(
-                    _ERROR,
-                    request_id=chunk.request_id,
-                    epoch=chunk.epoch,
-                    error=type(error).__name__,
-                    message=str(error),
-                ),
-            )
-        self._maybe_ack(key)
-
-    def _maybe_ack(self, key: tuple[str, str, int]) -> None:
-        incoming = self._incoming[key]
-        if incoming.expected_chunks is None or incoming.num_chunks < incoming.expected_chunks:
-            return
-        del self._incoming[key]
-        sender, request_id, epoch = key
-        with self._writers_lock:
-            if self._writers.get(request_id) == (sender, epoch):
-                del self._writers[request_id]
-        if incoming.error is None:
-            result = TransferResult(
-                request_id,
-                epoch,
-                incoming.num_chunks,
-                incoming.num_blocks,
-                incoming.complete,
-                incoming.verify_s,
-            )
-            self._agent.agent.send_notif(sender, _ACK + grpc_codec.encode_ack(result))
-
-
-# -- prefill side --------------------------------------------------------------------------
 
 
 @dataclass
@@ -354,7 +108,7 @@ class _Peer:
 
 
 class _NixlStream(ChunkStream):
-    def __init__(self, opener: _NixlOpener, peer: _Peer, target: TransferTarget) -> None:
+    def __init__(self, opener: NixlOpener, peer: _Peer, target: TransferTarget) -> None:
         self._opener = opener
         self._peer = peer
         self._target = target
@@ -384,7 +138,7 @@ class _NixlStream(ChunkStream):
             region_indices(chunk.layer, src_block_ids, opener.agent.num_blocks),
             self._peer.remote_regions,
             region_indices(chunk.layer, chunk.block_ids, self._peer.info.num_blocks),
-            _CHUNK + grpc_codec.encode_chunk(chunk),
+            CHUNK + grpc_codec.encode_chunk(chunk),
         )
         if agent.transfer(handle) == "ERR":
             handle.release()
@@ -393,7 +147,7 @@ class _NixlStream(ChunkStream):
         self._handles.append(handle)
         self.num_chunks += 1
         while len(self._handles) >= opener.max_inflight and not self.poll_writes():
-            time.sleep(_IDLE_SLEEP_S)  # backpressure: bounded posted WRITEs
+            time.sleep(IDLE_SLEEP_S)  # backpressure: bounded posted WRITEs
 
     def poll_writes(self) -> bool:
         """Release finished WRITEs; True when none is left in flight. Raises on a failed one."""
@@ -427,7 +181,7 @@ class _NixlStream(ChunkStream):
     def _wait_granted(self) -> None:
         """Ask the decode worker whether the reservation is live before the first WRITE."""
         request_id, epoch = self.key[1], self.key[2]
-        grant = _json(_GRANT, request_id=request_id, epoch=epoch)
+        grant = encode_message(GRANT, request_id=request_id, epoch=epoch)
         self._opener.agent.agent.send_notif(self._peer.remote_name, grant)
         try:
             self.granted.result(timeout=HANDSHAKE_TIMEOUT_S)
@@ -446,12 +200,12 @@ class _NixlStream(ChunkStream):
             raise TransferAbortedError(f"stream of {self._target.request_id!r} was cancelled")
 
 
-class _NixlOpener(StreamOpener):
+class NixlOpener(StreamOpener):
     transport = "nixl"
     one_sided = True
 
     def __init__(self, kv_caches: Sequence[torch.Tensor], config: KVTransferConfig) -> None:
-        self.agent = _Agent(f"pdserve-prefill-{uuid.uuid4().hex[:12]}", kv_caches)
+        self.agent = NixlAgent(f"pdserve-prefill-{uuid.uuid4().hex[:12]}", kv_caches)
         self.max_inflight = config.max_inflight_chunks
         rows = self.agent.regions(
             self.agent.layer_addresses, self.agent.num_blocks, self.agent.device_id
@@ -510,12 +264,12 @@ class _NixlOpener(StreamOpener):
                 f"{self.agent.layout.signature!r}"
             )
         agent = self.agent.agent
-        remote_name = _text(agent.add_remote_agent(info.agent_metadata))
+        remote_name = peer_name(agent.add_remote_agent(info.agent_metadata))
         rows = self.agent.regions(info.layer_addresses, info.num_blocks, info.device_id)
         peer = _Peer(info, remote_name, agent.prep_xfer_dlist(remote_name, rows, info.mem_type))
         self._peers[address] = peer
-        hello = _json(
-            _HELLO, metadata=agent.get_agent_metadata().hex(), layout=self.agent.layout.signature
+        hello = encode_message(
+            HELLO, metadata=agent.get_agent_metadata().hex(), layout=self.agent.layout.signature
         )
         agent.send_notif(remote_name, hello)
         logger.info("NIXL handshake with decode worker %s (agent %s)", address, remote_name)
@@ -573,12 +327,12 @@ class _NixlOpener(StreamOpener):
             for sender, messages in notifications.items():
                 for message in messages:
                     try:
-                        self._handle(_text(sender), message)
+                        self._handle(peer_name(sender), message)
                     except Exception:
                         logger.exception("NIXL notification from %s dropped", sender)
             busy = self._progress()
             if not notifications and not busy:
-                time.sleep(_IDLE_SLEEP_S)
+                time.sleep(IDLE_SLEEP_S)
 
     def _progress(self) -> bool:
         """Send F for finished streams whose WRITEs are done; time out overdue ones."""
@@ -593,8 +347,8 @@ class _NixlOpener(StreamOpener):
                     self.finished(stream, stream.error)
                 elif stream.poll_writes():
                     done = True
-                    finish = _json(
-                        _FINISH,
+                    finish = encode_message(
+                        FINISH,
                         request_id=stream.key[1],
                         epoch=stream.key[2],
                         num_chunks=stream.num_chunks,
@@ -614,7 +368,7 @@ class _NixlOpener(StreamOpener):
 
     def _handle(self, sender: str, message: bytes) -> None:
         kind, body = message[:1], message[1:]
-        if kind == _HELLO_REPLY:
+        if kind == HELLO_REPLY:
             with self._lock:
                 peer = next((p for p in self._peers.values() if p.remote_name == sender), None)
             error = json.loads(body)["error"]
@@ -624,30 +378,30 @@ class _NixlOpener(StreamOpener):
                 else:
                     peer.hello.set_result(None)
             return
-        if kind in (_GRANT_REPLY, _REVOKE):
+        if kind in (GRANT_REPLY, REVOKE):
             fields = json.loads(body)
             with self._lock:
                 stream = self._streams.get((sender, fields["request_id"], fields["epoch"]))
             if stream is None:
                 return
-            if kind == _REVOKE:
+            if kind == REVOKE:
                 stream.error = UnknownRequestError(
                     f"decode worker dropped the reservation of {fields['request_id']!r}: "
                     "writes fenced"
                 )
             elif fields["error"]:
-                error_class = _ERRORS_BY_NAME.get(fields["error"], TransportError)
+                error_class = ERRORS_BY_NAME.get(fields["error"], TransportError)
                 stream.granted.set_exception(error_class(fields["message"]))
             else:
                 stream.granted.set_result(None)
             return
-        if kind == _ACK:
+        if kind == ACK:
             result = grpc_codec.decode_ack(body)
             key, error = (sender, result.request_id, result.epoch), None
-        elif kind == _ERROR:
+        elif kind == ERROR:
             fields = json.loads(body)
             key = (sender, fields["request_id"], fields["epoch"])
-            error = _ERRORS_BY_NAME.get(fields["error"], TransportError)(fields["message"])
+            error = ERRORS_BY_NAME.get(fields["error"], TransportError)(fields["message"])
             result = None
         else:
             logger.warning("unknown NIXL notification %r from %s", kind, sender)
@@ -672,7 +426,7 @@ class NixlTransport(Transport):
         *,
         pack_fn: PackFn | None = None,  # unused: blocks move in place
     ) -> KVSender:
-        return StreamingKVSender(kv_caches, config, _NixlOpener(kv_caches, config))
+        return StreamingKVSender(kv_caches, config, NixlOpener(kv_caches, config))
 
     def create_receiver(
         self,
@@ -687,5 +441,5 @@ class NixlTransport(Transport):
             if not layer.is_contiguous():
                 raise ValueError(f"KV cache layer {i} must be contiguous to register with NIXL")
         return KVReceiver(
-            kv_caches, config, lambda receiver: _NixlEndpoint(receiver, kv_caches, address)
+            kv_caches, config, lambda receiver: NixlEndpoint(receiver, kv_caches, address)
         )
