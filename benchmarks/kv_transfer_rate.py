@@ -7,6 +7,8 @@ and acknowledged the request as complete. The same run, with the same payloads, 
 
 - ``tcp``: a raw TCP socket (one ``sendall`` of the packed bytes into ``recv_into``; no pack,
   checksum or framing): the loopback ceiling for gRPC;
+- ``grpc_raw``: gRPC alone: the same bytes as pre-encoded ``chunk_bytes`` messages over
+  ``--grpc-streams`` calls into a handler that only counts them (what grpcio itself costs);
 - ``nixl``: the NIXL transport (one-sided UCX WRITEs cache to cache, per-block CRC-32C
   notifications verified over the landed bytes); the pairing handshake is done before timing;
 - ``nixl_contiguous``: NIXL's own WRITE of one contiguous registered buffer of the same size,
@@ -179,6 +181,73 @@ def bench_grpc(
     return _bench_transport("grpc", layout, config, src, repeats)
 
 
+def _grpc_raw_main(conn: Connection, config: dict[str, Any]) -> None:
+    """A bare gRPC server: one client-streaming method that counts the bytes it received."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    limit = KVTransferConfig(**config).max_message_bytes
+    options = [("grpc.max_receive_message_length", limit)]
+
+    def count(messages: Any, context: Any) -> bytes:
+        return str(sum(len(m) for m in messages)).encode()
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench", {"push": grpc.stream_unary_rpc_method_handler(count)}
+    )
+    server = grpc.server(ThreadPoolExecutor(8), options=options)
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    _send_json(conn, {"port": port})
+    _recv_json(conn)  # close
+    server.stop(None)
+
+
+def bench_grpc_raw(
+    layout: KVLayout, config: KVTransferConfig, src: list[torch.Tensor], repeats: int
+) -> list[float]:
+    """gRPC's own ceiling: the same bytes as ``chunk_bytes`` messages already encoded, over
+    ``num_streams`` calls, into a handler that only counts them (no pack, checksum, scatter)."""
+    import grpc
+
+    ids = torch.arange(src[0].shape[1])
+    payload = b"".join(bytes(payload_bytes(gather_blocks(kv_layer, ids))) for kv_layer in src)
+    messages = [
+        payload[i : i + config.chunk_bytes] for i in range(0, len(payload), config.chunk_bytes)
+    ]
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=_grpc_raw_main, args=(child, asdict(config)))
+    process.start()
+    address = f"127.0.0.1:{_recv_json(parent)['port']}"
+    options = [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    channels = [grpc.insecure_channel(address, options=options) for _ in range(config.num_streams)]
+    calls = [channel.stream_unary("/bench/push") for channel in channels]
+    seconds = []
+    try:
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            n = len(calls)
+            futures = [call.future(iter(messages[k::n])) for k, call in enumerate(calls)]
+            received = sum(int(f.result(timeout=300)) for f in futures)
+            elapsed = time.perf_counter() - start
+            if received != len(payload):
+                raise RuntimeError(f"raw gRPC moved {received} of {len(payload)} bytes")
+            if i > 0:
+                seconds.append(elapsed)
+    finally:
+        for channel in channels:
+            channel.close()
+        _send_json(parent, {"op": "close"})
+        process.join(30)
+    return seconds
+
+
 def bench_nixl(
     layout: KVLayout, config: KVTransferConfig, src: list[torch.Tensor], repeats: int
 ) -> list[float]:
@@ -334,6 +403,7 @@ def bench_local(
 BENCHES = {
     "tcp": bench_tcp,
     "grpc": bench_grpc,
+    "grpc_raw": bench_grpc_raw,
     "nixl": bench_nixl,
     "nixl_contiguous": bench_nixl_contiguous,
     "local": bench_local,
@@ -403,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:>15}: {nbytes / best / GB:6.2f} GB/s best, {seconds=}")
     ratios = {
         "grpc_over_tcp": ("grpc", "tcp"),
+        "grpc_raw_over_tcp": ("grpc_raw", "tcp"),
         "nixl_over_contiguous": ("nixl", "nixl_contiguous"),
         "nixl_over_tcp": ("nixl", "tcp"),
     }

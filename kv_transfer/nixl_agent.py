@@ -1,12 +1,12 @@
 """What both halves of the NIXL transport share: the agent, the regions, the messages.
 
 ``NixlAgent`` wraps one ``nixl_agent`` (UCX backend, ``NIXL_THREAD_SYNC_STRICT``: NIXL
-serializes calls, so the sender thread, a control thread and a poller may all use it) with one
-KV cache registered. A cache's (layer, K/V, block) regions are described once as an
-``[num_layers * 2 * num_blocks, 3]`` array (``NixlAgent.regions``) and addressed by
-``region_indices``. ``NixlPeerInfo`` is what a decode worker publishes about its agent and
-cache. The notifications both sides exchange (first byte: the kind) are listed in
-``kv_transfer.nixl_transport``.
+serializes calls, so the sender thread, a control thread and a poller may all use it; no
+progress thread: the pollers' calls progress UCX) with one KV cache registered. A cache's
+(layer, K/V, block) regions are described once as an ``[num_layers * 2 * num_blocks, 3]``
+array (``NixlAgent.regions``) and addressed by ``region_indices``. ``NixlPeerInfo`` is what a
+decode worker publishes about its agent and cache. The notifications both sides exchange
+(first byte: the kind) are listed in ``kv_transfer.nixl_transport``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ from kv_transfer.base import KVTransferError, TransportError
 from kv_transfer.layout import KVLayout
 
 HANDSHAKE_TIMEOUT_S = 10.0
-IDLE_SLEEP_S = 0.0005  # a poller's sleep when no notification came
+# A poller's sleep between polls while transfers are in flight (its polls also progress
+# UCX: the agents run without NIXL's progress thread, which spins a core) and when idle.
+ACTIVE_POLL_S = 0.0002
+IDLE_POLL_S = 0.002
 # Notification kinds (see kv_transfer.nixl_transport for the protocol).
 HELLO, HELLO_REPLY, GRANT, GRANT_REPLY = b"H", b"h", b"G", b"g"
 CHUNK, FINISH, ACK, ERROR, REVOKE = b"C", b"F", b"A", b"E", b"R"
@@ -76,7 +79,11 @@ class NixlAgent:
         except ImportError as error:  # the registry turns this into "not available"
             raise ModuleNotFoundError(f"the nixl package is not installed: {error}") from error
         config = nixl_agent_config(
-            backends=["UCX"], sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
+            # No progress thread: NIXL runs it without a delay, so it takes ~20% of a core
+            # even when idle, from the engine on a CPU worker; our pollers progress UCX.
+            enable_prog_thread=False,
+            backends=["UCX"],
+            sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,
         )
         self.agent = nixl_agent(name, config)
         if "UCX" not in self.agent.backends:

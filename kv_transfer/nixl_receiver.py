@@ -27,6 +27,7 @@ from kv_transfer import grpc_codec
 from kv_transfer.base import KVChunk, KVTransferError, TransferResult, TransportError
 from kv_transfer.nixl_agent import (
     ACK,
+    ACTIVE_POLL_S,
     CHUNK,
     ERROR,
     FINISH,
@@ -34,7 +35,7 @@ from kv_transfer.nixl_agent import (
     GRANT_REPLY,
     HELLO,
     HELLO_REPLY,
-    IDLE_SLEEP_S,
+    IDLE_POLL_S,
     REVOKE,
     NixlAgent,
     NixlPeerInfo,
@@ -104,9 +105,10 @@ class NixlEndpoint:
     def _run(self) -> None:
         agent = self._agent.agent
         while not self._stop.is_set():
-            notifications = agent.get_new_notifs()
+            notifications = agent.get_new_notifs()  # also progresses UCX (incoming WRITEs)
             if not notifications:
-                time.sleep(IDLE_SLEEP_S)
+                expecting = self._receiver.num_reservations > 0
+                time.sleep(ACTIVE_POLL_S if expecting else IDLE_POLL_S)
                 continue
             for sender, messages in notifications.items():
                 for message in messages:

@@ -39,7 +39,9 @@ still land (bounded by ``max_inflight_chunks`` and one notification's latency; s
 
 Threads: NIXL agents are not thread-safe by default; both agents here are created with
 ``NIXL_THREAD_SYNC_STRICT`` (NIXL serializes calls), because the sender thread posts writes,
-a control thread handshakes and one poller thread per agent reads notifications.
+a control thread handshakes and one poller thread per agent reads notifications. NIXL's own
+progress thread is off (it spins); each poller polls every ``ACTIVE_POLL_S`` while transfers
+are in flight (its calls progress UCX) and every ``IDLE_POLL_S`` otherwise.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ from kv_transfer.base import (
 from kv_transfer.layout import PackFn, UnpackFn
 from kv_transfer.nixl_agent import (
     ACK,
+    ACTIVE_POLL_S,
     CHUNK,
     ERROR,
     ERRORS_BY_NAME,
@@ -81,7 +84,7 @@ from kv_transfer.nixl_agent import (
     HANDSHAKE_TIMEOUT_S,
     HELLO,
     HELLO_REPLY,
-    IDLE_SLEEP_S,
+    IDLE_POLL_S,
     REVOKE,
     NixlAgent,
     NixlPeerInfo,
@@ -147,7 +150,7 @@ class _NixlStream(ChunkStream):
         self._handles.append(handle)
         self.num_chunks += 1
         while len(self._handles) >= opener.max_inflight and not self.poll_writes():
-            time.sleep(IDLE_SLEEP_S)  # backpressure: bounded posted WRITEs
+            time.sleep(ACTIVE_POLL_S)  # backpressure: bounded posted WRITEs
 
     def poll_writes(self) -> bool:
         """Release finished WRITEs; True when none is left in flight. Raises on a failed one."""
@@ -332,7 +335,9 @@ class NixlOpener(StreamOpener):
                         logger.exception("NIXL notification from %s dropped", sender)
             busy = self._progress()
             if not notifications and not busy:
-                time.sleep(IDLE_SLEEP_S)
+                with self._lock:
+                    active = bool(self._streams)  # WRITEs may be in flight: keep UCX moving
+                time.sleep(ACTIVE_POLL_S if active else IDLE_POLL_S)
 
     def _progress(self) -> bool:
         """Send F for finished streams whose WRITEs are done; time out overdue ones."""
