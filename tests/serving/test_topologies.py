@@ -7,6 +7,7 @@ and completions, streamed and not, and ``/metrics`` shows the prefill path that 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -81,3 +82,22 @@ def test_concurrent_requests_use_every_worker(
     # Every worker looked up (and then computed or received) some of these prompts.
     served = {w: after[w].prefix_cache_queries - s.prefix_cache_queries for w, s in before.items()}
     assert all(n > 0 for n in served.values()), served
+
+
+def test_kv_transfer_breakdown_reaches_metrics(
+    topology: tuple[str, Server], offline: Offline
+) -> None:
+    """Each remote prefill's transfer shows up per phase (queue wait ... verify)."""
+    name, server = topology
+    if name == "colocated":
+        pytest.skip("no KV transfer without prefill workers")
+    phase = "pdserve_kv_transfer_phase_seconds_count"
+    before = {p: server.metric(phase, phase=p) for p in ("queue_wait", "last_byte", "verify")}
+    complete(server.client(), words(950, LONG_WORDS), MAX_TOKENS, False)
+    deadline = time.monotonic() + 30
+    while server.metric(phase, phase="verify") < before["verify"] + 1:
+        assert time.monotonic() < deadline, "the transfer's breakdown never reached /metrics"
+        time.sleep(0.05)
+    for p, count in before.items():
+        assert server.metric(phase, phase=p) == count + 1
+    assert server.metric("pdserve_kv_transfer_phase_seconds_sum", phase="verify") > 0
