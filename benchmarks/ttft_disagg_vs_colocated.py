@@ -1,20 +1,21 @@
-"""Time to first token: 1P1D (KV over gRPC, layer by layer) against ``--colocated``.
+"""Time to first token: 1P1D (KV over gRPC and over NIXL, layer by layer) against ``--colocated``.
 
-One invocation starts each server in turn on 127.0.0.1 and sends both the same prompts of
+One invocation starts each server in turn on 127.0.0.1 and sends each the same prompts of
 128, 1k and 4k tokens, one request at a time on an idle server (warm-up first). Per request
 it times, at the client, the first token (TTFT) and the second: 1P1D returns the first token
 from the prefill worker while the last layers' KV may still be landing on the decode worker,
 and the decode worker can produce the second one only once all of it has arrived, so the
 second token's gap shows the part of the transfer the layer-wise overlap did not hide. The
-1P1D run also reads the KV transfer's bytes and span (first layer handed to the sender to
-the decode worker's acknowledgement: it overlaps the prefill, so it is no wire rate; see
-``benchmarks/kv_transfer_rate.py`` for that) from ``/metrics``.
+1P1D runs (one per ``--transports``) also read the KV transfer's bytes and span (first layer
+handed to the sender to the decode worker's acknowledgement: it overlaps the prefill, so it
+is no wire rate; see ``benchmarks/kv_transfer_rate.py`` for that) from ``/metrics``.
 
 The model is pdserve-tiny's geometry and tokenizer with ``max_position_embeddings`` raised
 to 8192 (pdserve-tiny stops at 2048), with random weights (``--load-format dummy``); prompts
 are random token ids.
 
     .venv/bin/python -m benchmarks.ttft_disagg_vs_colocated [--repeats 3] [--sizes 128,1024,4096]
+        [--transports grpc,nixl]
 
 Writes ``benchmarks/results/ttft_disagg_vs_colocated.json`` and prints a Markdown table.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import shutil
 import statistics
@@ -51,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 MAX_POSITIONS = 8192
 MODEL_NAME = "tiny-8k"
-MODES = {"1P1D": {"colocated": False}, "colocated": {"colocated": True}}
+COLOCATED = "colocated"
 
 
 @dataclass(frozen=True)
@@ -140,8 +142,13 @@ def wait_for_transfers(client: httpx.Client, count: float, timeout_s: float = 60
 def run_mode(
     mode: str, model: Path, prompts: list[list[int]], repeats: int, log_dir: Path
 ) -> dict[str, Any]:
-    """Start the server, send every prompt in order, stop it. Results per prompt size."""
+    """Start the server, send every prompt in order, stop it. Results per prompt size.
+
+    ``mode``: "colocated", or "1P1D-<transport>".
+    """
     port = free_port()
+    disaggregated = mode != COLOCATED
+    transport = ("--transport", mode.split("-", 1)[1]) if disaggregated else ()
     server = start_pdserve(
         port,
         log_dir / f"ttft_{mode}.log",
@@ -151,8 +158,9 @@ def run_mode(
             "--max-model-len", str(MAX_POSITIONS),
             "--served-model-name", MODEL_NAME,
             "--kv-cache-size-gib", "0.5",
+            *transport,
         ),
-        **MODES[mode],
+        colocated=not disaggregated,
     )  # fmt: skip
     results: dict[str, Any] = {}
     try:
@@ -162,7 +170,7 @@ def run_mode(
                 warmup, *measured = prompts[start : start + 1 + repeats]
                 num_transfers = kv_transfer_totals(client)["count"]
                 time_request(client, warmup)
-                if mode == "1P1D":  # the warm-up's transfer stays out of the figures
+                if disaggregated:  # the warm-up's transfer stays out of the figures
                     wait_for_transfers(client, num_transfers + 1)
                 before = kv_transfer_totals(client)
                 timings = [time_request(client, p) for p in measured]
@@ -170,7 +178,7 @@ def run_mode(
                 entry: dict[str, Any] = {"timings": [asdict(t) for t in timings]}
                 entry["ttft_s"] = statistics.median(t.ttft_s for t in timings)
                 entry["second_token_s"] = statistics.median(t.second_token_s for t in timings)
-                if mode == "1P1D":
+                if disaggregated:
                     wait_for_transfers(client, before["count"] + repeats)
                     after = kv_transfer_totals(client)
                     count = after["count"] - before["count"]
@@ -189,9 +197,10 @@ def build_table(results: dict[str, dict[str, Any]], sizes: list[int]) -> str:
     the transfer's span that was not exposed."""
     header = [
         "prompt tokens",
+        "transport",
         "TTFT 1P1D (ms)",
         "TTFT colocated (ms)",
-        "1P1D - colocated (ms)",
+        "TTFT 1P1D / colocated",
         "2nd token 1P1D (ms)",
         "2nd token colocated (ms)",
         "KV per request (MiB)",
@@ -201,23 +210,25 @@ def build_table(results: dict[str, dict[str, Any]], sizes: list[int]) -> str:
     ]
     rows = []
     for size in sizes:
-        pd, co = results["1P1D"][str(size)], results["colocated"][str(size)]
-        span = pd["kv_seconds_per_request"]
-        exposed = max(0.0, pd["second_token_s"] - co["second_token_s"])
-        rows.append(
-            [
-                str(size),
-                f"{pd['ttft_s'] * 1e3:.0f}",
-                f"{co['ttft_s'] * 1e3:.0f}",
-                f"{(pd['ttft_s'] - co['ttft_s']) * 1e3:+.0f}",
-                f"{pd['second_token_s'] * 1e3:.0f}",
-                f"{co['second_token_s'] * 1e3:.0f}",
-                f"{pd['kv_bytes_per_request'] / (1 << 20):.2f}",
-                f"{span * 1e3:.0f}",
-                f"{exposed * 1e3:.0f}",
-                f"{100 * (1 - exposed / span):.0f}%" if span > 0 else "n/a",
-            ]
-        )
+        for mode in (m for m in results if m != COLOCATED):
+            pd, co = results[mode][str(size)], results[COLOCATED][str(size)]
+            span = pd["kv_seconds_per_request"]
+            exposed = max(0.0, pd["second_token_s"] - co["second_token_s"])
+            rows.append(
+                [
+                    str(size),
+                    mode.split("-", 1)[1],
+                    f"{pd['ttft_s'] * 1e3:.0f}",
+                    f"{co['ttft_s'] * 1e3:.0f}",
+                    f"{pd['ttft_s'] / co['ttft_s']:.2f}",
+                    f"{pd['second_token_s'] * 1e3:.0f}",
+                    f"{co['second_token_s'] * 1e3:.0f}",
+                    f"{pd['kv_bytes_per_request'] / (1 << 20):.2f}",
+                    f"{span * 1e3:.0f}",
+                    f"{exposed * 1e3:.0f}",
+                    f"{100 * (1 - exposed / span):.0f}%" if span > 0 else "n/a",
+                ]
+            )
     return format_table(header, rows)
 
 
@@ -226,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="128,1024,4096", help="prompt lengths in tokens")
     parser.add_argument("--repeats", type=int, default=3, help="measured requests per size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--transports", default="grpc,nixl", help="KV transports for 1P1D")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "ttft_disagg_vs_colocated.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -238,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     with tempfile.TemporaryDirectory(prefix="pdserve-ttft-") as tmp:
         model = make_model(Path(tmp) / MODEL_NAME)
-        for mode in MODES:
+        os.environ.setdefault("UCX_TLS", "tcp,self,sm")  # NIXL's UCX on a host without RDMA
+        modes = [f"1P1D-{t}" for t in args.transports.split(",")] + [COLOCATED]
+        for mode in modes:
             results[mode] = run_mode(mode, model, prompts, args.repeats, RESULTS_DIR / "logs")
     table = build_table(results, sizes)
     print(table)

@@ -31,7 +31,7 @@ from engine.outputs import RequestDelta
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.worker import EngineWorker
-from kv_transfer.base import KVTransferConfig, TransferTarget
+from kv_transfer.base import KVTransferConfig, ReceiverInfo, TransferTarget
 from kv_transfer.transport import get_transport
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,10 @@ class DecodeWorker(EngineWorker):
         self.loop.start()
 
     # -- disaggregated path ------------------------------------------------------------
+
+    async def kv_receiver_info(self) -> ReceiverInfo:
+        """How prefill workers reach this worker's KV receiver (the router pairs them)."""
+        return self.receiver.info()
 
     async def reserve(
         self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams

@@ -9,8 +9,8 @@ transports.
 - ``receiver``: ``KVReceiver``, which verifies writes and puts them in the decode cache.
 - ``sender``: ``StreamingKVSender``, the background pack/checksum/stream thread.
 - ``transport``: ``get_transport(name)``; ``grpc_transport`` (default; its messages are
-  encoded by ``grpc_codec``), ``local_transport`` (in-process), ``nixl`` reserved for a later
-  issue.
+  encoded by ``grpc_codec``), ``nixl_transport`` (one-sided NIXL/UCX WRITEs cache to cache;
+  ``nixl_receiver``, ``nixl_agent``), ``local_transport`` (in-process).
 
 Decode worker::
 

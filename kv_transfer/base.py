@@ -45,12 +45,13 @@ class TransferStatus(enum.Enum):
 class KVTransferConfig:
     """How KV moves between workers. Field names are the CLI flags / YAML keys."""
 
-    transport: str = "grpc"  # "grpc" | "local" | "nixl" (a later issue)
+    transport: str = "grpc"  # "grpc" | "local" | "nixl"
     chunk_bytes: int = 1 * MiB  # payload of one message: consecutive blocks of one layer
     max_message_bytes: int = 64 * MiB  # gRPC send/receive limit; one block must fit
     max_inflight_chunks: int = 32  # per request stream: bounds the sender's staging memory
     lease_s: float = 60.0  # a reservation not complete after this is dropped by expire()
     num_server_threads: int = 16  # gRPC receiver: concurrent incoming request streams
+    num_streams: int = 2  # gRPC: concurrent calls (connections) per request's transfer
 
     def __post_init__(self) -> None:
         if not self.transport:
@@ -70,6 +71,8 @@ class KVTransferConfig:
             raise ValueError(f"lease_s must be positive, got {self.lease_s}")
         if self.num_server_threads <= 0:
             raise ValueError(f"num_server_threads must be positive, got {self.num_server_threads}")
+        if self.num_streams <= 0:
+            raise ValueError(f"num_streams must be positive, got {self.num_streams}")
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,21 @@ class KVChunk:
     dtype: str
     shape: tuple[int, ...]  # [num_blocks, 2, block_size, num_kv_heads, head_dim]
     payload: bytes | memoryview | None
-    checksum: int  # layout.checksum(payload)
+    checksum: int  # layout.checksum(payload); 0 without a payload
+    # Without a payload: layout.block_checksums of each destination block, in block_ids order.
+    block_checksums: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class TransferBreakdown:
+    """Where one request's transfer time went; each in seconds from its first layer handed
+    to the sender (``send_layer``). Set by the sender; ``verify_s`` comes with the ack."""
+
+    queue_wait_s: float  # until the sender thread took the first layer
+    first_byte_s: float  # until the first write left (gRPC: to the call; NIXL: WRITE posted)
+    last_byte_s: float  # until the last write left
+    acknowledged_s: float  # until the receiver acknowledged every write
+    verify_s: float  # receiver time spent checking checksums, summed over the writes
 
 
 @dataclass(frozen=True)
@@ -114,6 +131,22 @@ class TransferResult:
     num_chunks: int  # writes acknowledged
     num_blocks: int  # (layer, block) pairs acknowledged
     complete: bool  # the receiver holds every (layer, block) of the reservation
+    verify_s: float = 0.0  # receiver time spent checking these writes' checksums
+    breakdown: TransferBreakdown | None = None  # set by the sender when it resolves flush
+
+
+@dataclass(frozen=True)
+class ReceiverInfo:
+    """What a sender needs to reach a receiver before any request: pairing-time handshake.
+
+    Set by ``KVReceiver.info``; the router hands it to prefill workers when it pairs them
+    with a decode worker, so ``KVSender.connect`` does the handshake off the request path.
+    """
+
+    transport: str
+    address: str
+    layout_signature: str
+    metadata: bytes = b""  # as TransferTarget.metadata
 
 
 class KVTransferError(Exception):
@@ -154,6 +187,14 @@ class TransportError(KVTransferError):
 
 class KVSender(ABC):
     """Prefill side: writes a request's KV blocks into a decode worker's reserved blocks."""
+
+    def connect(self, receiver: ReceiverInfo) -> None:
+        """Handshake with a receiver ahead of its first request (pairing time).
+
+        Raises LayoutMismatchError when the caches differ, TransportError when the receiver
+        cannot be reached. Transports without a handshake do nothing.
+        """
+        return None
 
     @abstractmethod
     def begin(self, target: TransferTarget) -> None:

@@ -48,9 +48,7 @@ def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
 
 
 def encode_chunk(chunk: KVChunk) -> bytes:
-    """A serialized ``KVChunk`` message: the header fields, then the payload field."""
-    if chunk.payload is None:
-        raise ValueError("the grpc transport carries payloads; got a payload-less chunk")
+    """A serialized ``KVChunk`` message: the header fields, then the payload field if any."""
     header = kv_transfer_pb2.KVChunk(
         request_id=chunk.request_id,
         layer=chunk.layer,
@@ -60,16 +58,22 @@ def encode_chunk(chunk: KVChunk) -> bytes:
         checksum=chunk.checksum,
         epoch=chunk.epoch,
         layout_signature=chunk.layout_signature,
+        block_checksums=chunk.block_checksums,
     )
     payload = chunk.payload
+    if not payload:  # absent or empty: proto3 writes no field for an empty bytes value
+        return header.SerializeToString()
     return b"".join((header.SerializeToString(), _PAYLOAD_KEY, _varint(len(payload)), payload))
 
 
 def decode_chunk(raw: bytes) -> KVChunk:
-    """Parse a ``KVChunk`` message; its payload is a view of ``raw``. InvalidChunkError if bad."""
+    """Parse a ``KVChunk`` message; its payload is a view of ``raw`` (None when absent).
+
+    Raises InvalidChunkError for a malformed message.
+    """
     view = memoryview(raw)
     header = bytearray()  # every field but the payload
-    payload = view[0:0]
+    payload: memoryview | None = None
     pos = 0
     while pos < len(raw):
         start = pos
@@ -106,6 +110,7 @@ def decode_chunk(raw: bytes) -> KVChunk:
         shape=tuple(message.shape),
         payload=payload,
         checksum=message.checksum,
+        block_checksums=tuple(message.block_checksums),
     )
 
 
@@ -116,9 +121,12 @@ def encode_ack(result: TransferResult) -> bytes:
         num_chunks=result.num_chunks,
         num_blocks=result.num_blocks,
         complete=result.complete,
+        verify_seconds=result.verify_s,
     ).SerializeToString()
 
 
 def decode_ack(raw: bytes) -> TransferResult:
     ack = kv_transfer_pb2.KVAck.FromString(raw)
-    return TransferResult(ack.request_id, ack.epoch, ack.num_chunks, ack.num_blocks, ack.complete)
+    return TransferResult(
+        ack.request_id, ack.epoch, ack.num_chunks, ack.num_blocks, ack.complete, ack.verify_seconds
+    )

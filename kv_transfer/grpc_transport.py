@@ -1,11 +1,13 @@
-"""gRPC transport: one client-streaming ``PushKV`` call per request, ~1 MB messages.
+"""gRPC transport: ``num_streams`` client-streaming ``PushKV`` calls per request, ~1 MB messages.
 
 Decode side: a ``grpc.server`` whose servicer translates each ``KVChunk`` message and calls
 ``KVReceiver.receive``; a ``KVTransferError`` ends the call with its status code (see
 ``proto/kv_transfer.proto``) and the error's class name in the trailing metadata, so the
-sender raises the same class. Prefill side: one channel per receiver address (HTTP/2
-multiplexes the requests' calls); each request's call pulls messages from a bounded queue the
-sender thread fills, so at most ``max_inflight_chunks`` messages per request wait in memory.
+sender raises the same class. Prefill side: ``num_streams`` channels (TCP connections) per
+receiver address (HTTP/2 multiplexes the requests' calls on each); a request's chunks go
+round-robin to one call per channel, so the receiver verifies and scatters them on several
+threads; each call pulls messages from a bounded queue the sender thread fills, so at most
+``max_inflight_chunks`` messages per request wait in memory.
 The call's deadline is the reservation's lease. Messages cross gRPC as bytes encoded and
 decoded by ``grpc_codec`` (one payload copy on the sender, none on the receiver).
 """
@@ -85,10 +87,12 @@ class _KVTransferServicer:
     def push_kv(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         first: KVChunk | None = None
         num_chunks = num_blocks = 0
-        complete = False
+        complete, verify_s = False, 0.0
         for raw in request_iterator:
             try:
                 chunk = grpc_codec.decode_chunk(raw)
+                if chunk.payload is None:
+                    raise InvalidChunkError("a gRPC KVChunk must carry its blocks' payload")
                 if first is None:
                     first = chunk
                 if (chunk.request_id, chunk.epoch) != (first.request_id, first.epoch):
@@ -96,14 +100,15 @@ class _KVTransferServicer:
                         f"one call carries one request: got {chunk.request_id!r} epoch "
                         f"{chunk.epoch} after {first.request_id!r} epoch {first.epoch}"
                     )
-                complete = self._receiver.receive(chunk)
+                complete, seconds = self._receiver.receive_timed(chunk)
+                verify_s += seconds
             except KVTransferError as error:
                 context.set_trailing_metadata(((_ERROR_KEY, type(error).__name__),))
                 context.abort(_STATUS_CODES[type(error)], str(error))
             num_chunks += 1
             num_blocks += len(chunk.block_ids)
         request_id, epoch = (first.request_id, first.epoch) if first else ("", 0)
-        result = TransferResult(request_id, epoch, num_chunks, num_blocks, complete)
+        result = TransferResult(request_id, epoch, num_chunks, num_blocks, complete, verify_s)
         return grpc_codec.encode_ack(result)
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -139,12 +144,17 @@ class _GrpcEndpoint:
         self.address = f"{advertise_host or host}:{port}"
         logger.info("KV receiver listening on %s (advertised %s)", address, self.address)
 
+    def revoke(self, request_id: str) -> None:
+        """Nothing to do: every later write of the request is refused in ``receive``."""
+
     def close(self) -> None:
         self._server.stop(grace=None).wait()
         self._executor.shutdown(wait=True)
 
 
-class _GrpcStream(ChunkStream):
+class _GrpcCall(ChunkStream):
+    """One ``PushKV`` call: a bounded queue of encoded messages that gRPC's thread drains."""
+
     def __init__(
         self,
         push_kv: grpc.StreamUnaryMultiCallable,
@@ -211,31 +221,93 @@ class _GrpcStream(ChunkStream):
         future.set_result(call.result())
 
 
+class _GrpcStream(ChunkStream):
+    """A request's chunks spread round-robin over ``num_streams`` calls, one per connection,
+    so encoding, HTTP/2 framing and the receiver's verification run in parallel."""
+
+    def __init__(self, calls: list[_GrpcCall], target: TransferTarget) -> None:
+        self._calls = calls
+        self._target = target
+        self._next = 0
+
+    def write(self, chunk: KVChunk) -> None:
+        call = self._calls[self._next]
+        self._next = (self._next + 1) % len(self._calls)
+        call.write(chunk)
+
+    def finish(self) -> Future[TransferResult]:
+        future: Future[TransferResult] = Future()
+        parts = [call.finish() for call in self._calls]
+        remaining = [len(parts)]
+        lock = threading.Lock()
+
+        def on_part(_: Future[TransferResult]) -> None:
+            with lock:
+                remaining[0] -= 1
+                if remaining[0]:
+                    return
+            errors = [p.exception() for p in parts if p.exception() is not None]
+            if errors:
+                future.set_exception(errors[0])
+                return
+            results = [p.result() for p in parts]
+            future.set_result(
+                TransferResult(
+                    self._target.request_id,
+                    self._target.epoch,
+                    num_chunks=sum(r.num_chunks for r in results),
+                    num_blocks=sum(r.num_blocks for r in results),
+                    # The write that completed the reservation was some call's last one.
+                    complete=any(r.complete for r in results),
+                    verify_s=sum(r.verify_s for r in results),
+                )
+            )
+
+        for part in parts:
+            part.add_done_callback(on_part)
+        return future
+
+    def cancel(self) -> None:
+        for call in self._calls:
+            call.cancel()
+
+
 class _GrpcOpener(StreamOpener):
     transport = "grpc"
 
     def __init__(self, config: KVTransferConfig) -> None:
         self._config = config
         self._lock = threading.Lock()
-        self._channels: dict[str, grpc.Channel] = {}
-        self._push_kv: dict[str, grpc.StreamUnaryMultiCallable] = {}
+        self._channels: dict[str, list[grpc.Channel]] = {}
+        self._push_kv: dict[str, list[grpc.StreamUnaryMultiCallable]] = {}
 
     def open(self, target: TransferTarget) -> ChunkStream:
         with self._lock:
             push_kv = self._push_kv.get(target.address)
             if push_kv is None:
-                channel = grpc.insecure_channel(target.address, options=_options(self._config))
-                self._channels[target.address] = channel
+                # One TCP connection per stream: a local subchannel pool keeps the channels
+                # from sharing one.
+                options = [*_options(self._config), ("grpc.use_local_subchannel_pool", 1)]
+                channels = [
+                    grpc.insecure_channel(target.address, options=options)
+                    for _ in range(self._config.num_streams)
+                ]
+                self._channels[target.address] = channels
                 # Messages are encoded by the sender thread (grpc_codec): no serializer here.
-                push_kv = self._push_kv[target.address] = channel.stream_unary(
-                    grpc_codec.PUSH_KV_PATH, response_deserializer=grpc_codec.decode_ack
-                )
-        return _GrpcStream(push_kv, target, self._config.max_inflight_chunks)
+                push_kv = self._push_kv[target.address] = [
+                    channel.stream_unary(
+                        grpc_codec.PUSH_KV_PATH, response_deserializer=grpc_codec.decode_ack
+                    )
+                    for channel in channels
+                ]
+        per_call = max(1, self._config.max_inflight_chunks // len(push_kv))
+        calls = [_GrpcCall(p, target, per_call) for p in push_kv]
+        return calls[0] if len(calls) == 1 else _GrpcStream(calls, target)
 
     def close(self) -> None:
         with self._lock:
             channels, self._channels, self._push_kv = list(self._channels.values()), {}, {}
-        for channel in channels:
+        for channel in (c for per_address in channels for c in per_address):
             channel.close()
 
 

@@ -16,10 +16,11 @@ transfer between different signatures is refused.
 from __future__ import annotations
 
 import warnings
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import crc32c
+import numpy as np
 import torch
 
 from engine.kv_cache import TORCH_DTYPES, gather_blocks, kv_cache_shape, scatter_blocks
@@ -129,6 +130,32 @@ def packed_from_bytes(
     return flat.view(layout.packed_shape(num_blocks))
 
 
-def checksum(payload: bytes | bytearray | memoryview) -> int:
-    """CRC-32 of a payload: faster than adler32 per GB with this zlib, and releases the GIL."""
-    return zlib.crc32(payload)
+def block_checksums(
+    kv_layer: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    block_ids: Sequence[int],
+) -> list[int]:
+    """``checksum`` of each block's packed bytes (its K then its V), in ``block_ids`` order.
+
+    On CPU it reads the cache in place (K and V of a block are each contiguous; the CRC
+    chains from one to the other), so verifying a one-sided write copies nothing.
+    """
+    if kv_layer.device.type != "cpu":
+        ids = torch.tensor(list(block_ids), dtype=torch.int64, device=kv_layer.device)
+        packed = gather_blocks(kv_layer, ids).cpu()  # [n, 2, block_size, H, D]
+        return [checksum(payload_bytes(packed[i])) for i in range(len(block_ids))]
+    if not kv_layer.is_contiguous():
+        raise ValueError("block_checksums needs the engine's contiguous cache layer")
+    rows = kv_layer.view(torch.uint8).numpy().reshape(2, kv_layer.shape[1], -1)
+    keys, values = rows[0], rows[1]  # [num_blocks, block bytes / 2]: one row per block
+    return [checksum(values[b], checksum(keys[b])) for b in block_ids]
+
+
+def checksum(payload: bytes | bytearray | memoryview | np.ndarray, value: int = 0) -> int:
+    """CRC-32C (Castagnoli) of a payload, continuing from ``value``.
+
+    Hardware CRC32C (SSE4.2 / ARMv8 CRC) runs at ~11 GB/s on one core here against 2.9 GB/s
+    for zlib's CRC-32 and ~12 GB/s for xxh3_64 (``benchmarks/kv_transfer_rate.py --checksums``);
+    it chains (``checksum(b, checksum(a)) == checksum(a + b)``), so per-block checksums of
+    non-contiguous K and V halves need no gather, and it releases the GIL on large buffers.
+    """
+    return crc32c.crc32c(payload, value)

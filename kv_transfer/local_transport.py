@@ -45,6 +45,9 @@ class _LocalEndpoint:
                 raise ValueError(f"local KV receiver {self.address!r} already exists")
             _receivers[self.address] = receiver
 
+    def revoke(self, request_id: str) -> None:
+        """Nothing to do: every later write of the request is refused in ``receive``."""
+
     def close(self) -> None:
         with _registry_lock:
             _receivers.pop(self.address, None)
@@ -58,11 +61,13 @@ class _LocalStream(ChunkStream):
         self._num_chunks = 0
         self._num_blocks = 0
         self._complete = False
+        self._verify_s = 0.0
 
     def write(self, chunk: KVChunk) -> None:
         if self._cancelled:
             raise TransferAbortedError(f"stream of {chunk.request_id!r} was cancelled")
-        self._complete = self._receiver.receive(chunk)
+        self._complete, seconds = self._receiver.receive_timed(chunk)
+        self._verify_s += seconds
         self._num_chunks += 1
         self._num_blocks += len(chunk.block_ids)
 
@@ -78,6 +83,7 @@ class _LocalStream(ChunkStream):
                     self._num_chunks,
                     self._num_blocks,
                     self._complete,
+                    self._verify_s,
                 )
             )
         return future

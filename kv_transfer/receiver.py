@@ -1,12 +1,12 @@
 """The decode side of a KV transfer: reservations in, verified blocks written into the cache.
 
 The receiver owns (registers) the decode worker's KV cache for writing. Its endpoint - a gRPC
-server, an in-process name, later a NIXL agent - delivers each ``KVChunk`` to ``receive``,
+server, an in-process name, a NIXL agent - delivers each ``KVChunk`` to ``receive``,
 from the endpoint's own threads. ``receive`` admits the write against the reservation
 (``kv_transfer.reservations``), checks the payload's layout and checksum, scatters it into the
 reserved blocks and records it; any problem raises a ``KVTransferError`` for the endpoint to
 report to the sender. A chunk without a payload is the notification of a one-sided write
-that already landed: its checksum is verified against the blocks in the cache.
+that already landed: each block's checksum is verified against the bytes in the cache.
 
 The decode worker drives the rest: ``expect`` (after reserving blocks in its block pool),
 ``is_complete`` / ``wait_complete``, ``cancel`` (abort, or the request joined the decode batch)
@@ -28,6 +28,8 @@ from kv_transfer.base import (
     KVChunk,
     KVTransferConfig,
     LayoutMismatchError,
+    ReceiverInfo,
+    StaleEpochError,
     TransferFailedError,
     TransferStatus,
     TransferTarget,
@@ -36,10 +38,10 @@ from kv_transfer.base import (
 from kv_transfer.layout import (
     KVLayout,
     UnpackFn,
+    block_checksums,
     checksum,
     pack_fns,
     packed_from_bytes,
-    payload_bytes,
 )
 from kv_transfer.reservations import Reservation, ReservationTable
 
@@ -52,6 +54,10 @@ class ReceiverEndpoint(Protocol):
     transport: str  # the transport's registry name
     address: str  # where senders connect (bound address: a port 0 is resolved)
     metadata: bytes  # anything else a remote writer needs (NIXL: agent metadata)
+
+    def revoke(self, request_id: str) -> None:
+        """The reservation was dropped before it completed: stop its writer (one-sided
+        transports; the others refuse later writes in ``receive``)."""
 
     def close(self) -> None: ...
 
@@ -75,8 +81,7 @@ class KVReceiver:
         self._num_blocks = int(kv_caches[0].shape[1])
         self._device = kv_caches[0].device
         self._config = config
-        self._pack_fn, default_unpack_fn = pack_fns(self._device)
-        self._unpack_fn = unpack_fn or default_unpack_fn
+        self._unpack_fn = unpack_fn or pack_fns(self._device)[1]
         self._table = ReservationTable(self.layout.num_layers)
         self._endpoint = endpoint(self)
 
@@ -106,9 +111,15 @@ class KVReceiver:
 
     def receive(self, chunk: KVChunk) -> bool:
         """Verify one write and put it in the cache; True when the request is now complete."""
+        return self.receive_timed(chunk)[0]
+
+    def receive_timed(self, chunk: KVChunk) -> tuple[bool, float]:
+        """``receive``, and the seconds its checks (checksum included) took."""
         reservation = self._table.admit(chunk.request_id, chunk.epoch, chunk.layer, chunk.block_ids)
         try:
+            start = time.perf_counter()
             packed = self._verified_packed(chunk)
+            verify_s = time.perf_counter() - start
             with reservation.write_lock:
                 _check_live(reservation)
                 if packed is not None:
@@ -118,7 +129,7 @@ class KVReceiver:
                 self._table.fail(reservation, str(error))
             logger.warning("rejected KV write: %s", error)
             raise
-        return self._table.record(reservation, len(chunk.block_ids))
+        return self._table.record(reservation, len(chunk.block_ids)), verify_s
 
     def status(self, request_id: str) -> TransferStatus | None:
         """The reservation's status, or None when there is none (never made, or dropped)."""
@@ -138,16 +149,43 @@ class KVReceiver:
         _check_live(reservation)
         return True
 
+    def check_epoch(self, request_id: str, epoch: int) -> None:
+        """Raise unless ``epoch`` is the live reservation's (a one-sided writer asks first)."""
+        reservation = self._table.get(request_id)
+        if reservation is None:
+            raise UnknownRequestError(f"no reservation for request {request_id!r}")
+        if reservation.epoch != epoch:
+            raise StaleEpochError(
+                f"request {request_id!r}: write for epoch {epoch}, "
+                f"current epoch is {reservation.epoch}"
+            )
+        _check_live(reservation)
+
     def cancel(self, request_id: str) -> bool:
         """Drop the reservation; once it returns no write touches its blocks. False if unknown."""
-        return self._table.cancel(request_id)
+        incomplete = self.status(request_id) is not TransferStatus.COMPLETE
+        cancelled = self._table.cancel(request_id)
+        if cancelled and incomplete:
+            self._endpoint.revoke(request_id)
+        return cancelled
 
     def expire(self, now: float | None = None) -> list[str]:
         """Drop incomplete reservations whose lease ended (``time.monotonic()`` clock)."""
         expired = self._table.expire(now)
         if expired:
             logger.warning("KV reservations expired before completing: %s", expired)
+        for request_id in expired:
+            self._endpoint.revoke(request_id)
         return expired
+
+    def info(self) -> ReceiverInfo:
+        """What a sender needs to connect ahead of any request (pairing-time handshake)."""
+        return ReceiverInfo(
+            transport=self._endpoint.transport,
+            address=self._endpoint.address,
+            layout_signature=self.layout.signature,
+            metadata=self._endpoint.metadata,
+        )
 
     @property
     def num_reservations(self) -> int:
@@ -169,7 +207,7 @@ class KVReceiver:
                 f"chunk is {chunk.dtype} {tuple(chunk.shape)}, expected {self.layout.dtype} {shape}"
             )
         if chunk.payload is None:
-            self._check_checksum(chunk, self._gathered_payload(chunk))
+            self._check_block_checksums(chunk)
             return None
         if len(chunk.payload) != num_blocks * self.layout.block_nbytes:
             raise InvalidChunkError(
@@ -187,10 +225,23 @@ class KVReceiver:
                 f" checksum {actual:#010x} != sent {chunk.checksum:#010x}"
             )
 
-    def _gathered_payload(self, chunk: KVChunk) -> memoryview:
-        block_ids = torch.tensor(chunk.block_ids, dtype=torch.int64, device=self._device)
-        packed = self._pack_fn(self._kv_caches[chunk.layer], block_ids, None).cpu()
-        return payload_bytes(packed)
+    def _check_block_checksums(self, chunk: KVChunk) -> None:
+        """A one-sided write: each block's checksum over the bytes that landed in the cache."""
+        if len(chunk.block_checksums) != len(chunk.block_ids):
+            raise InvalidChunkError(
+                f"notification has {len(chunk.block_checksums)} block checksums for "
+                f"{len(chunk.block_ids)} blocks"
+            )
+        actual = block_checksums(self._kv_caches[chunk.layer], chunk.block_ids)
+        bad = [
+            (block, f"{got:#010x} != sent {sent:#010x}")
+            for block, got, sent in zip(chunk.block_ids, actual, chunk.block_checksums, strict=True)
+            if got != sent
+        ]
+        if bad:
+            raise ChecksumError(
+                f"request {chunk.request_id!r} layer {chunk.layer}: blocks landed corrupt {bad}"
+            )
 
     def _write(self, chunk: KVChunk, packed: torch.Tensor) -> None:
         block_ids = torch.tensor(chunk.block_ids, dtype=torch.int64, device=self._device)

@@ -20,10 +20,11 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -32,11 +33,20 @@ from kv_transfer.base import (
     KVSender,
     KVTransferConfig,
     LayoutMismatchError,
+    ReceiverInfo,
     TransferAbortedError,
+    TransferBreakdown,
     TransferResult,
     TransferTarget,
 )
-from kv_transfer.layout import KVLayout, PackFn, checksum, pack_fns, payload_bytes
+from kv_transfer.layout import (
+    KVLayout,
+    PackFn,
+    block_checksums,
+    checksum,
+    pack_fns,
+    payload_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +61,12 @@ class ChunkStream(ABC):
         """Send one chunk. May block (backpressure); must not keep ``chunk.payload`` after
         returning. Raises the KVTransferError that ended the stream, if one did."""
 
+    def write_blocks(self, chunk: KVChunk, src_block_ids: Sequence[int]) -> None:
+        """One-sided transports: write ``src_block_ids`` of the local cache into
+        ``chunk.block_ids`` of the remote one, and notify with ``chunk`` (no payload). May
+        return before the bytes land; ``finish`` waits for them."""
+        raise NotImplementedError(f"{type(self).__name__} carries payloads")
+
     @abstractmethod
     def finish(self) -> Future[TransferResult]:
         """No more chunks; resolves when the receiver acknowledged the stream."""
@@ -64,6 +80,12 @@ class StreamOpener(ABC):
     """A transport's sending half: opens request streams, owns connections."""
 
     transport: str  # the registry name; a target of another transport is refused
+    # True: streams take ``write_blocks`` (no pack, no payload), e.g. NIXL WRITEs.
+    one_sided: bool = False
+
+    def connect(self, receiver: ReceiverInfo) -> None:
+        """Pairing-time handshake (KVSender.connect); nothing by default."""
+        return None
 
     @abstractmethod
     def open(self, target: TransferTarget) -> ChunkStream: ...
@@ -83,6 +105,12 @@ class _Outgoing:
     stream: ChunkStream | None = None
     error: BaseException | None = None
     num_chunks: int = 0
+    # time.monotonic() of: the first send_layer (caller's thread), the sender thread taking
+    # its first layer, its first and its latest write (the breakdown of the transfer time).
+    enqueued_at: float | None = None
+    started_at: float | None = None
+    first_write_at: float | None = None
+    last_write_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -125,10 +153,10 @@ class StreamingKVSender(KVSender):
         # One chunk's packed blocks, reused for every chunk (only the sender thread touches
         # it); staged through pinned host memory when the cache is on a GPU.
         device = kv_caches[0].device
-        staging_shape = self.layout.packed_shape(self._blocks_per_chunk)
+        staging_shape = self.layout.packed_shape(0 if opener.one_sided else self._blocks_per_chunk)
         self._staging = torch.empty(staging_shape, dtype=self.layout.torch_dtype, device=device)
         self._host_staging = None
-        if device.type != "cpu":
+        if device.type != "cpu" and not opener.one_sided:
             self._host_staging = torch.empty(
                 staging_shape, dtype=self.layout.torch_dtype, pin_memory=True
             )
@@ -139,17 +167,26 @@ class StreamingKVSender(KVSender):
         self._thread = threading.Thread(target=self._run, name="kv-sender", daemon=True)
         self._thread.start()
 
-    def begin(self, target: TransferTarget) -> None:
-        if target.transport != self._opener.transport:
+    def connect(self, receiver: ReceiverInfo) -> None:
+        self._check_peer(receiver.transport, receiver.layout_signature, receiver.address)
+        self._opener.connect(receiver)
+
+    def _check_peer(self, transport: str, layout_signature: str, what: str) -> None:
+        if transport != self._opener.transport:
             raise ValueError(
-                f"target of request {target.request_id!r} is for transport "
-                f"{target.transport!r}, this sender speaks {self._opener.transport!r}"
+                f"{what} is for transport {transport!r}, this sender speaks "
+                f"{self._opener.transport!r}"
             )
-        if target.layout_signature != self.layout.signature:
+        if layout_signature != self.layout.signature:
             raise LayoutMismatchError(
-                f"request {target.request_id!r}: decode layout {target.layout_signature!r} "
-                f"!= prefill layout {self.layout.signature!r}"
+                f"{what}: decode layout {layout_signature!r} != prefill layout "
+                f"{self.layout.signature!r}"
             )
+
+    def begin(self, target: TransferTarget) -> None:
+        self._check_peer(
+            target.transport, target.layout_signature, f"target of request {target.request_id!r}"
+        )
         with self._lock:
             if self._closed:
                 raise RuntimeError("KV sender is closed")
@@ -182,6 +219,8 @@ class StreamingKVSender(KVSender):
         if self._kv_caches[layer].is_cuda:
             ready = torch.cuda.Event()
             ready.record()
+        if outgoing.enqueued_at is None:
+            outgoing.enqueued_at = time.monotonic()
         job = _LayerJob(outgoing, layer, tuple(src_block_ids), tuple(dst_block_ids), ready)
         self._jobs.put(job)
 
@@ -233,6 +272,8 @@ class StreamingKVSender(KVSender):
                 if isinstance(job, _FlushJob):
                     self._finish(outgoing, job.future)
                 elif not outgoing.aborted and outgoing.error is None:
+                    if outgoing.started_at is None:
+                        outgoing.started_at = time.monotonic()
                     self._send(job)
             except BaseException as error:  # kept for the flush future, never dropped
                 logger.warning("KV transfer of %s failed: %r", outgoing.target.request_id, error)
@@ -245,6 +286,9 @@ class StreamingKVSender(KVSender):
         if job.ready is not None:
             job.ready.synchronize()
         kv_layer = self._kv_caches[job.layer]
+        if self._opener.one_sided:
+            self._write_blocks(job)
+            return
         for start in range(0, len(job.dst_block_ids), self._blocks_per_chunk):
             src_ids = job.src_block_ids[start : start + self._blocks_per_chunk]
             ids = torch.tensor(src_ids, dtype=torch.int64, device=kv_layer.device)
@@ -271,7 +315,32 @@ class StreamingKVSender(KVSender):
                     outgoing.stream.cancel()
                     return
             outgoing.stream.write(chunk)  # done with the staging buffer when it returns
-            outgoing.num_chunks += 1
+            _wrote(outgoing)
+
+    def _write_blocks(self, job: _LayerJob) -> None:
+        """One-sided: the layer's blocks go cache to cache; the notification carries checks."""
+        outgoing, target = job.outgoing, job.outgoing.target
+        chunk = KVChunk(
+            request_id=target.request_id,
+            epoch=target.epoch,
+            layer=job.layer,
+            block_ids=job.dst_block_ids,
+            layout_signature=self.layout.signature,
+            dtype=self.layout.dtype,
+            shape=self.layout.packed_shape(len(job.dst_block_ids)),
+            payload=None,
+            checksum=0,
+            block_checksums=tuple(block_checksums(self._kv_caches[job.layer], job.src_block_ids)),
+        )
+        if outgoing.aborted:
+            return
+        if outgoing.stream is None:
+            outgoing.stream = self._opener.open(target)
+            if outgoing.aborted:
+                outgoing.stream.cancel()
+                return
+        outgoing.stream.write_blocks(chunk, job.src_block_ids)
+        _wrote(outgoing)
 
     def _finish(self, outgoing: _Outgoing, future: Future[TransferResult]) -> None:
         target = outgoing.target
@@ -283,7 +352,27 @@ class StreamingKVSender(KVSender):
             logger.warning("flush of %s with no block sent", target.request_id)
             future.set_result(TransferResult(target.request_id, target.epoch, 0, 0, False))
         else:
-            _chain(outgoing.stream.finish(), future)
+            _chain(outgoing.stream.finish(), future, outgoing)
+
+
+def _wrote(outgoing: _Outgoing) -> None:
+    outgoing.num_chunks += 1
+    outgoing.last_write_at = time.monotonic()
+    if outgoing.first_write_at is None:
+        outgoing.first_write_at = outgoing.last_write_at
+
+
+def _breakdown(outgoing: _Outgoing, result: TransferResult) -> TransferBreakdown | None:
+    start = outgoing.enqueued_at
+    if start is None or outgoing.first_write_at is None:
+        return None
+    return TransferBreakdown(
+        queue_wait_s=(outgoing.started_at or start) - start,
+        first_byte_s=outgoing.first_write_at - start,
+        last_byte_s=(outgoing.last_write_at or outgoing.first_write_at) - start,
+        acknowledged_s=time.monotonic() - start,
+        verify_s=result.verify_s,
+    )
 
 
 def _abort(outgoing: _Outgoing) -> None:
@@ -293,13 +382,16 @@ def _abort(outgoing: _Outgoing) -> None:
         stream.cancel()
 
 
-def _chain(source: Future[TransferResult], target: Future[TransferResult]) -> None:
+def _chain(
+    source: Future[TransferResult], target: Future[TransferResult], outgoing: _Outgoing
+) -> None:
     def copy(done: Future[TransferResult]) -> None:
         error = done.exception()
         if error is not None:
             target.set_exception(error)
         else:
-            target.set_result(done.result())
+            result = done.result()
+            target.set_result(replace(result, breakdown=_breakdown(outgoing, result)))
 
     source.add_done_callback(copy)
 

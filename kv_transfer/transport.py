@@ -1,6 +1,6 @@
 """Transports by name, imported only when asked for (so optional ones cost nothing).
 
-    transport = get_transport(config.transport)  # "grpc" (default), "local"
+    transport = get_transport(config.transport)  # "grpc" (default), "nixl", "local"
     receiver = transport.create_receiver(kv_caches, config, address="0.0.0.0:50051")  # decode
     sender = transport.create_sender(kv_caches, config)  # prefill
 
@@ -8,10 +8,10 @@ A transport makes the two halves for one worker's KV cache: the receiver's endpo
 server or registration) and the sender's ``StreamOpener``. Bookkeeping and verification are
 shared (``KVReceiver``, ``StreamingKVSender``); a transport only moves chunks.
 
-``"nixl"`` is reserved for ``kv_transfer/nixl_transport.py`` (a later issue): its receiver
-endpoint registers the cache with a NIXL agent and publishes the agent metadata in
-``TransferTarget.metadata``; its stream writes packed blocks one-sided into the remote blocks
-and notifies the receiver with payload-less ``KVChunk``s.
+``"nixl"`` (``kv_transfer/nixl_transport.py``): its receiver endpoint registers the cache with
+a NIXL agent and publishes the agent metadata in ``ReceiverInfo`` / ``TransferTarget.metadata``;
+its streams (``StreamOpener.one_sided``) write blocks in place into the remote blocks and
+notify the receiver with payload-less ``KVChunk``s carrying per-block checksums.
 """
 
 from __future__ import annotations

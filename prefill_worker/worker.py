@@ -28,7 +28,13 @@ from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ScheduledSequence, SchedulerOutput, TokenLogprobs
 from engine.worker import EngineWorker
-from kv_transfer.base import KVTransferConfig, TransferResult, TransferTarget
+from kv_transfer.base import (
+    KVTransferConfig,
+    ReceiverInfo,
+    TransferBreakdown,
+    TransferResult,
+    TransferTarget,
+)
 from kv_transfer.transport import get_transport
 
 logger = logging.getLogger(__name__)
@@ -52,6 +58,7 @@ class TransferStats:
     request_id: str
     num_bytes: int
     seconds: float  # from the first layer handed to the sender to the acknowledgement
+    breakdown: TransferBreakdown | None = None  # queue wait, first/last byte, verify
 
 
 @dataclass
@@ -83,6 +90,10 @@ class PrefillWorker(EngineWorker):
         self._transfers: dict[str, _Transfer] = {}  # loop thread only
         self._results: dict[str, Future[TransferStats]] = {}
         self.loop.start()
+
+    async def connect_kv(self, receiver: ReceiverInfo) -> None:
+        """Pairing: handshake with a decode worker's KV receiver before any request (NIXL)."""
+        await asyncio.to_thread(self.sender.connect, receiver)
 
     async def prefill(
         self,
@@ -199,7 +210,8 @@ class PrefillWorker(EngineWorker):
                 result.set_exception(error)
             else:
                 seconds = time.monotonic() - transfer.started
-                result.set_result(TransferStats(request_id, num_bytes, seconds))
+                breakdown = done.result().breakdown
+                result.set_result(TransferStats(request_id, num_bytes, seconds, breakdown))
 
         flushed.add_done_callback(on_flushed)
 

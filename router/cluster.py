@@ -111,6 +111,7 @@ class Cluster:
         handles = await asyncio.gather(*(self._create(role, wid) for role, wid in specs))
         self.prefill = [h for h in handles if h.role == "prefill"]
         self.decode = [h for h in handles if h.role == "decode"]
+        await self._pair_kv(self.prefill, self.decode)
         logger.info(
             "cluster up: %d prefill, %d decode workers (%s)",
             len(self.prefill),
@@ -233,4 +234,14 @@ class Cluster:
                     logger.debug("shutting down %s: %s", handle.worker_id, error)
                 group[i] = await self._create(handle.role, handle.worker_id)
                 replaced.append(handle.worker_id)
+                if handle.role == "prefill":
+                    await self._pair_kv([group[i]], self.decode)
+                else:
+                    await self._pair_kv(self.prefill, [group[i]])
         return replaced
+
+    async def _pair_kv(self, prefill: list[WorkerHandle], decode: list[WorkerHandle]) -> None:
+        """KV transport handshake of every prefill worker with every decode worker, before
+        any request (NIXL: agent metadata exchange; a layout mismatch fails here)."""
+        infos = await asyncio.gather(*(d.call("kv_receiver_info") for d in decode))
+        await asyncio.gather(*(p.call("connect_kv", info) for p in prefill for info in infos))

@@ -9,6 +9,7 @@ and the backend reports what it sees of the cluster through ``observe_worker``,
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -18,6 +19,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+if TYPE_CHECKING:
+    from kv_transfer.base import TransferBreakdown
 
 # Seconds. TTFT spans a cached short prompt on an idle GPU to a long prompt behind a queue.
 TTFT_BUCKETS = (
@@ -116,6 +120,16 @@ class RouterMetrics:
             buckets=KV_TRANSFER_SECONDS_BUCKETS,
             registry=r,
         )
+        self.kv_transfer_phase_seconds = Histogram(
+            "pdserve_kv_transfer_phase_seconds",
+            "Per request, seconds from the first KV layer handed to the sender until: the "
+            "sender took it (queue_wait), the first and the last write left (first_byte, "
+            "last_byte), the decode worker acknowledged all (acknowledged); verify: the "
+            "decode worker's checksum time.",
+            ["phase"],
+            buckets=KV_TRANSFER_SECONDS_BUCKETS,
+            registry=r,
+        )
         self.prefill_decisions = Counter(
             "pdserve_prefill_decisions",
             "Where prompts were prefilled (local: on the decode worker) and why.",
@@ -173,9 +187,20 @@ class RouterMetrics:
             with contextlib.suppress(KeyError):  # never observed
                 gauge.remove(role, worker_id)
 
-    def observe_kv_transfer(self, num_bytes: int, seconds: float) -> None:
+    def observe_kv_transfer(
+        self, num_bytes: int, seconds: float, breakdown: TransferBreakdown | None = None
+    ) -> None:
         self.kv_transfer_bytes.observe(num_bytes)
         self.kv_transfer_seconds.observe(seconds)
+        if breakdown is not None:
+            for phase, value in (
+                ("queue_wait", breakdown.queue_wait_s),
+                ("first_byte", breakdown.first_byte_s),
+                ("last_byte", breakdown.last_byte_s),
+                ("acknowledged", breakdown.acknowledged_s),
+                ("verify", breakdown.verify_s),
+            ):
+                self.kv_transfer_phase_seconds.labels(phase=phase).observe(value)
 
     def observe_prefill_decision(self, decision: str, reason: str) -> None:
         """``decision``: "local" (prefill on the decode worker) or "remote"."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.resources
 import logging
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -41,8 +42,6 @@ def generated_paths(out_dir: Path) -> list[Path]:
 
 def generate(out_dir: Path = OUT_DIR) -> list[Path]:
     """Compile every proto in ``PROTO_FILES`` into ``out_dir``; returns the written files."""
-    from grpc_tools import protoc
-
     out_dir.mkdir(parents=True, exist_ok=True)
     well_known = importlib.resources.files("grpc_tools") / "_proto"
     args = [
@@ -54,8 +53,11 @@ def generate(out_dir: Path = OUT_DIR) -> list[Path]:
         f"--grpc_python_out={out_dir}",
         *(str(PROTO_DIR / name) for name in PROTO_FILES),
     ]
-    if protoc.main(args) != 0:
-        raise RuntimeError(f"protoc failed: {' '.join(args)}")
+    # A child process: protoc in-process crashes once a library that bundles its own
+    # protobuf/abseil (nixl's) is loaded, as it is in a test run that also tests NIXL.
+    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"protoc failed: {' '.join(args)}\n{done.stderr}")
     paths = generated_paths(out_dir)
     for path in paths:
         if path.name.endswith("_pb2_grpc.py"):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11kv_transfer.proto\x12\x13pdserve.kv_transfer\"\xa9\x01\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\r\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\r\x12\r\n\x05\x65poch\x18\x08 \x01(\x04\x12\x18\n\x10layout_signature\x18\t \x01(\t\"d\n\x05KVAck\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x12\n\nnum_chunks\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x10\n\x08\x63omplete\x18\x05 \x01(\x08\x32R\n\nKVTransfer\x12\x44\n\x06PushKV\x12\x1c.pdserve.kv_transfer.KVChunk\x1a\x1a.pdserve.kv_transfer.KVAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11kv_transfer.proto\x12\x13pdserve.kv_transfer\"\xc2\x01\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\r\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\r\x12\r\n\x05\x65poch\x18\x08 \x01(\x04\x12\x18\n\x10layout_signature\x18\t \x01(\t\x12\x17\n\x0f\x62lock_checksums\x18\n \x03(\r\"|\n\x05KVAck\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x12\n\nnum_chunks\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x10\n\x08\x63omplete\x18\x05 \x01(\x08\x12\x16\n\x0everify_seconds\x18\x06 \x01(\x01\x32R\n\nKVTransfer\x12\x44\n\x06PushKV\x12\x1c.pdserve.kv_transfer.KVChunk\x1a\x1a.pdserve.kv_transfer.KVAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kv_transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KVCHUNK']._serialized_start=43
-  _globals['_KVCHUNK']._serialized_end=212
-  _globals['_KVACK']._serialized_start=214
-  _globals['_KVACK']._serialized_end=314
-  _globals['_KVTRANSFER']._serialized_start=316
-  _globals['_KVTRANSFER']._serialized_end=398
+  _globals['_KVCHUNK']._serialized_end=237
+  _globals['_KVACK']._serialized_start=239
+  _globals['_KVACK']._serialized_end=363
+  _globals['_KVTRANSFER']._serialized_start=365
+  _globals['_KVTRANSFER']._serialized_end=447
 # @@protoc_insertion_point(module_scope)

@@ -213,7 +213,21 @@ class ClusterBackend:
             logger.debug("transfer of %s not observed: %s", request_id, error)
             return
         if stats.num_bytes:
-            self.metrics.observe_kv_transfer(stats.num_bytes, stats.seconds)
+            self.metrics.observe_kv_transfer(stats.num_bytes, stats.seconds, stats.breakdown)
+            if stats.breakdown is not None:
+                b = stats.breakdown
+                logger.debug(
+                    "KV transfer of %s: %d bytes in %.1f ms (queue wait %.1f, first byte %.1f, "
+                    "last byte %.1f, acknowledged %.1f, verify %.1f ms)",
+                    request_id,
+                    stats.num_bytes,
+                    stats.seconds * 1e3,
+                    b.queue_wait_s * 1e3,
+                    b.first_byte_s * 1e3,
+                    b.last_byte_s * 1e3,
+                    b.acknowledged_s * 1e3,
+                    b.verify_s * 1e3,
+                )
 
     async def abort(self, request_id: str) -> None:
         inflight = self._inflight.get(request_id)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from kv_transfer import grpc_codec
@@ -15,7 +17,7 @@ def _payload(size: int) -> bytes:
     return (bytes(range(256)) * (size // 256 + 1))[:size]
 
 
-def _chunk(payload: bytes | memoryview) -> KVChunk:
+def _chunk(payload: bytes | memoryview | None) -> KVChunk:
     return KVChunk("req", 2**40 + 3, 3, (9, 1, 300), "sig", "float16", (3, 2, 4, 2, 8), payload, 77)
 
 
@@ -47,9 +49,18 @@ def test_decode_reads_protobufs_encoding(size: int) -> None:
     payload = _payload(size)
     raw = _protobuf(payload).SerializeToString()  # payload in the middle, protobuf's order
     chunk = grpc_codec.decode_chunk(raw)
-    assert bytes(chunk.payload) == payload
+    # proto3 writes no empty bytes field: an empty payload reads back as absent (None).
+    assert (chunk.payload is None) == (size == 0)
+    assert bytes(chunk.payload or b"") == payload
     assert chunk == _chunk(chunk.payload)
     assert grpc_codec.decode_chunk(grpc_codec.encode_chunk(_chunk(payload))) == chunk
+
+
+def test_payloadless_notification_round_trip() -> None:
+    chunk = dataclasses.replace(_chunk(None), checksum=0, block_checksums=(1, 2**32 - 1, 5))
+    raw = grpc_codec.encode_chunk(chunk)
+    assert kv_transfer_pb2.KVChunk.FromString(raw).block_checksums == [1, 2**32 - 1, 5]
+    assert grpc_codec.decode_chunk(raw) == chunk
 
 
 def test_decode_takes_the_last_payload_like_protobuf() -> None:

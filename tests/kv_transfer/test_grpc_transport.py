@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import zlib
 from collections.abc import Iterator
 
 import grpc
@@ -13,7 +12,13 @@ import torch
 
 from kv_transfer import KVTransferConfig, TransferStatus, get_transport
 from kv_transfer.base import ChecksumError, TransferFailedError, TransportError
-from kv_transfer.layout import KVLayout, cache_layer_shape, gather_blocks, payload_bytes
+from kv_transfer.layout import (
+    KVLayout,
+    cache_layer_shape,
+    checksum,
+    gather_blocks,
+    payload_bytes,
+)
 from kv_transfer.pb import kv_transfer_pb2, kv_transfer_pb2_grpc
 from kv_transfer.receiver import KVReceiver
 
@@ -53,7 +58,7 @@ def _message(
         dtype=LAYOUT.dtype,
         shape=LAYOUT.packed_shape(len(block_ids)),
         payload=payload,
-        checksum=zlib.crc32(payload),
+        checksum=checksum(payload),
         epoch=epoch,
         layout_signature=LAYOUT.signature,
     )

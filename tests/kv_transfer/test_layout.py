@@ -7,6 +7,7 @@ import torch
 
 from kv_transfer.layout import (
     KVLayout,
+    block_checksums,
     cache_layer_shape,
     checksum,
     gather_blocks,
@@ -106,3 +107,15 @@ def test_checksum_sees_one_flipped_bit() -> None:
     before = checksum(payload)
     payload[100] ^= 0x01
     assert checksum(payload) != before
+
+
+def test_block_checksums_are_the_packed_blocks_checksums() -> None:
+    layout = KVLayout(num_layers=1, block_size=4, num_kv_heads=2, head_dim=8, dtype="bfloat16")
+    kv_layer = torch.randn(cache_layer_shape(layout, 6)).to(torch.bfloat16)
+    ids = [5, 0, 3]
+    packed = gather_blocks(kv_layer, torch.tensor(ids))  # [3, 2, 4, 2, 8]: K then V per block
+    expected = [checksum(payload_bytes(packed[i])) for i in range(len(ids))]
+    assert block_checksums(kv_layer, ids) == expected
+    kv_layer[1, 3, 0, 0, 0] += 1  # one V element of block 3
+    changed = block_checksums(kv_layer, ids)
+    assert changed[2] != expected[2] and changed[:2] == expected[:2]

@@ -34,6 +34,12 @@ def receiver(kv_caches: list[torch.Tensor]) -> Iterator[KVReceiver]:
     receiver.close()
 
 
+def _notification(target, layer: int, packed: torch.Tensor) -> KVChunk:
+    """What a one-sided writer sends after the bytes landed: per-block checksums, no payload."""
+    sums = tuple(checksum(payload_bytes(packed[i])) for i in range(packed.shape[0]))
+    return _chunk(target, layer, packed, payload=None, checksum=0, block_checksums=sums)
+
+
 def _chunk(target, layer: int, packed: torch.Tensor, **overrides) -> KVChunk:
     payload = payload_bytes(packed)
     fields = dict(
@@ -83,14 +89,18 @@ def test_one_sided_write_is_verified_against_the_cache(
     for layer in range(2):
         packed = torch.randn(LAYOUT.packed_shape(2)).to(torch.float16)
         scatter_blocks(packed, kv_caches[layer], ids)  # the one-sided write
-        notification = _chunk(target, layer, packed, payload=None)
+        notification = _notification(target, layer, packed)
         assert receiver.receive(notification) is (layer == 1)
         assert torch.equal(gather_blocks(kv_caches[layer], ids), packed)
     assert receiver.is_complete("r")
 
-    target = receiver.expect("bad", [3])
-    packed = torch.randn(LAYOUT.packed_shape(1)).to(torch.float16)
-    notification = _chunk(target, 0, packed, payload=None)  # but the bytes never landed
-    with pytest.raises(ChecksumError):
-        receiver.receive(notification)
+    target = receiver.expect("bad", [3, 4])
+    packed = torch.randn(LAYOUT.packed_shape(2)).to(torch.float16)
+    scatter_blocks(packed[:1], kv_caches[0], torch.tensor([3]))  # block 4 never landed
+    with pytest.raises(ChecksumError, match=r"blocks landed corrupt \[\(4, "):
+        receiver.receive(_notification(target, 0, packed))
     assert receiver.status("bad") is TransferStatus.FAILED
+
+    target = receiver.expect("short", [2])
+    with pytest.raises(InvalidChunkError, match="0 block checksums for 1 blocks"):
+        receiver.receive(_chunk(target, 0, packed[:1], payload=None))

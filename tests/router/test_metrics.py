@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from kv_transfer.base import TransferBreakdown
 from router.metrics import RouterMetrics
 
 
@@ -80,3 +81,21 @@ def test_backend_reported_metrics() -> None:
     metrics.remove_worker("decode", "never-seen")  # no error
     samples = _samples(metrics)
     assert ("pdserve_worker_kv_blocks_free", d0) not in samples
+
+
+def test_kv_transfer_breakdown_per_phase() -> None:
+    metrics = RouterMetrics()
+    breakdown = TransferBreakdown(
+        queue_wait_s=0.001, first_byte_s=0.002, last_byte_s=0.03, acknowledged_s=0.04, verify_s=0.5
+    )
+    metrics.observe_kv_transfer(1 << 20, 0.04, breakdown)
+    metrics.observe_kv_transfer(1 << 20, 0.05)  # a transfer without a breakdown
+    samples = _samples(metrics)
+    phase = "pdserve_kv_transfer_phase_seconds"
+    assert samples[("pdserve_kv_transfer_seconds_count", ())] == 2
+    for name, value in [("queue_wait", 0.001), ("first_byte", 0.002), ("last_byte", 0.03)]:
+        assert samples[(f"{phase}_sum", (("phase", name),))] == value
+        assert samples[(f"{phase}_count", (("phase", name),))] == 1
+    assert samples[(f"{phase}_sum", (("phase", "acknowledged"),))] == 0.04
+    assert samples[(f"{phase}_bucket", (("le", "0.25"), ("phase", "verify")))] == 0
+    assert samples[(f"{phase}_bucket", (("le", "0.5"), ("phase", "verify")))] == 1

@@ -1,12 +1,13 @@
 """The same greedy outputs from every shape of cluster: 2P2D over gRPC (Ray), 1P1D with the
-in-process ``local`` transport, and ``--colocated`` (decode workers that prefill for
-themselves, Ray). Each equals the offline engine token for token, for chat and completions,
-streamed and not, and ``/metrics`` shows the prefill path that was taken.
+in-process ``local`` transport, 1P1D over NIXL (Ray), and ``--colocated`` (decode workers
+that prefill for themselves, Ray). Each equals the offline engine token for token, for chat
+and completions, streamed and not, and ``/metrics`` shows the prefill path that was taken.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,6 +21,8 @@ LONG_WORDS = 40  # ~130 tokens: more than the local-prefill threshold
 TOPOLOGIES = {
     "2p2d": ["--num-prefill", "2", "--num-decode", "2", "--transport", "grpc"],
     "local": ["--num-prefill", "1", "--num-decode", "1", "--transport", "local"],
+    # Real NIXL over UCX between the two actor processes (one-sided WRITEs, cache to cache).
+    "1p1d-nixl": ["--num-prefill", "1", "--num-decode", "1", "--transport", "nixl"],
     "colocated": ["--colocated", "--num-decode", "1"],
 }
 
@@ -53,7 +56,7 @@ def test_greedy_output_equals_offline(
 def test_workers_are_where_the_topology_says(topology: tuple[str, Server]) -> None:
     name, server = topology
     infos = server.worker_infos
-    expected = {"2p2d": (2, 2), "local": (1, 1), "colocated": (0, 1)}[name]
+    expected = {"2p2d": (2, 2), "local": (1, 1), "1p1d-nixl": (1, 1), "colocated": (0, 1)}[name]
     roles = [i.role for i in infos.values()]
     assert (roles.count("prefill"), roles.count("decode")) == expected
     pids = {i.pid for i in infos.values()}
@@ -79,3 +82,22 @@ def test_concurrent_requests_use_every_worker(
     # Every worker looked up (and then computed or received) some of these prompts.
     served = {w: after[w].prefix_cache_queries - s.prefix_cache_queries for w, s in before.items()}
     assert all(n > 0 for n in served.values()), served
+
+
+def test_kv_transfer_breakdown_reaches_metrics(
+    topology: tuple[str, Server], offline: Offline
+) -> None:
+    """Each remote prefill's transfer shows up per phase (queue wait ... verify)."""
+    name, server = topology
+    if name == "colocated":
+        pytest.skip("no KV transfer without prefill workers")
+    phase = "pdserve_kv_transfer_phase_seconds_count"
+    before = {p: server.metric(phase, phase=p) for p in ("queue_wait", "last_byte", "verify")}
+    complete(server.client(), words(950, LONG_WORDS), MAX_TOKENS, False)
+    deadline = time.monotonic() + 30
+    while server.metric(phase, phase="verify") < before["verify"] + 1:
+        assert time.monotonic() < deadline, "the transfer's breakdown never reached /metrics"
+        time.sleep(0.05)
+    for p, count in before.items():
+        assert server.metric(phase, phase=p) == count + 1
+    assert server.metric("pdserve_kv_transfer_phase_seconds_sum", phase="verify") > 0
