@@ -5,7 +5,8 @@ by a bridge that lives inside the head pod's network namespace (10.213.0.0/24: n
 it). Each runs its container's command and arguments as rendered (CPU smoke values) as PID 1,
 with ``KUBERAY_GEN_RAY_START_CMD`` built the way KubeRay builds it: ``ray start`` (``--head`` or
 ``--address`` of the head), the group's ``rayStartParams``, the pod IP, ``--block``, and the
-group's ``resources`` as JSON in single quotes. Then: a chat completion whose prompt is
+group's ``resources`` as JSON in single quotes; a worker container that exits is started
+again, as the kubelet does. Then: a chat completion whose prompt is
 prefilled on the prefill pod and whose KV crosses the bridge to the decode pod over gRPC; the
 rendered ``preStop`` returns once nothing is in flight; SIGTERM to the head's PID 1 (what the
 kubelet sends) shuts the router down cleanly.
@@ -146,6 +147,12 @@ def test_pods_serve_across_the_bridge_drain_and_stop_on_sigterm() -> None:
                     "do sleep 1; done; "
                 )
             run = shlex.join(["/bin/bash", *container["command"][1:], script])
+            if pod != "head":
+                # restartPolicy Always: when a worker container exits (under load `ray start`
+                # can time out joining the GCS: Ray waits a fixed 30 s), the kubelet starts
+                # it again in a clean container; here PID 1 kills what is left and reruns it.
+                loop = f"while true; do {run}; kill -9 -1; sleep 2; done"
+                run = f"bash -c {shlex.quote(loop)}"
             pods[pod] = namespace.start(
                 roots[pod], f"bash -c {shlex.quote(wait + 'exec ' + run)}", env
             )
