@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from engine.detokenizer import OutputText
 from engine.outputs import RequestDelta
 from engine.request import FinishReason
 from engine.scheduler_output import TokenLogprobs
@@ -50,7 +50,7 @@ class SequenceUpdate:
     token_ids: list[int]
     logprobs: list[TokenLogprobs] | None
     finish_reason: str | None
-    stop_reason: str | None  # the stop string that ended it
+    stop_reason: int | str | None  # the stop string or stop token id that ended it
     num_prompt_tokens: int
     num_cached_tokens: int
 
@@ -66,8 +66,7 @@ class _Sequence:
         params = request.sampling_params
         self.index = index
         self.request = request
-        self.detokenizer = IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
-        self.stop_matcher = StopStringMatcher(params.stop, params.include_stop_str_in_output)
+        self.output_text = OutputText(tokenizer, params)
         self.num_output_tokens = 0
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_cached_tokens = 0
@@ -84,20 +83,14 @@ class _Sequence:
         self.num_output_tokens += len(delta.new_token_ids)
         self.num_prompt_tokens = delta.num_prompt_tokens
         self.num_cached_tokens = delta.num_cached_tokens
-        text = self.detokenizer.add_tokens(delta.new_token_ids)
-        if delta.finished:
-            text += self.detokenizer.finish()
-        match = self.stop_matcher.feed(text, final=delta.finished)
-        finish_reason = "stop" if match.stop is not None else None
-        if finish_reason is None and delta.finish_reason is not None:
-            finish_reason = delta.finish_reason.value
+        text = self.output_text.add(delta)
         return SequenceUpdate(
             index=self.index,
-            text=match.text,
+            text=text.text,
             token_ids=list(delta.new_token_ids),
             logprobs=delta.new_logprobs,
-            finish_reason=finish_reason,
-            stop_reason=match.stop,
+            finish_reason=text.finish_reason,
+            stop_reason=text.stop_reason,
             num_prompt_tokens=self.num_prompt_tokens,
             num_cached_tokens=self.num_cached_tokens,
         )

@@ -54,7 +54,7 @@ class _Choice:
         self.logprobs: list[TokenLogprobs] = []
         self.text_offset = 0  # completions logprobs: offset of the next token in the text
         self.finish_reason: str | None = None
-        self.stop_reason: str | None = None
+        self.stop_reason: int | str | None = None
         self.num_prompt_tokens = 0
         self.num_cached_tokens = 0
 
