@@ -39,10 +39,26 @@ from engine.sampling_params import SamplingParams
 _REPLACEMENT_CHAR = "\ufffd"
 
 
+# Fast tokenizer classes whose ``_decode`` is the Rust tokenizer's decode followed by an
+# optional clean-up (off here): for them the Rust decode is called directly, ~7x cheaper per
+# call than ``tokenizer.decode`` (3 us vs 22 us on pdserve-tiny), two calls per token.
+_PLAIN_FAST_DECODERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _rust_decode(tokenizer: Any) -> Any | None:
+    """The ``tokenizers.Tokenizer.decode`` that ``tokenizer.decode`` amounts to, or None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    owner = next((c for c in type(tokenizer).__mro__ if "_decode" in c.__dict__), None)
+    if backend is None or owner is None or owner.__name__ not in _PLAIN_FAST_DECODERS:
+        return None
+    return backend.decode
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._rust_decode = _rust_decode(tokenizer)
         self.token_ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
@@ -50,6 +66,8 @@ class IncrementalDetokenizer:
     def _decode(self, token_ids: list[int]) -> str:
         if not token_ids:
             return ""
+        if self._rust_decode is not None:
+            return self._rust_decode(token_ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(
             token_ids,
             skip_special_tokens=self.skip_special_tokens,

@@ -156,8 +156,9 @@ class ClusterBackend:
             raise _as_backend_error(error) from error
         finally:
             self._inflight.pop(request_id, None)
-            if not finished:
-                await asyncio.shield(self._abort_on(request_id, decode, prefill))
+            if not finished:  # the one abort owner: this request's scope
+                # Shielded and held: the caller may be cancelled while the abort is on its way.
+                await asyncio.shield(self._spawn(self._abort_on(request_id, decode, prefill)))
 
     async def _remote(
         self, request: GenerateRequest, decode: WorkerClient, prefill: WorkerClient
@@ -229,10 +230,11 @@ class ClusterBackend:
             except Exception as error:
                 logger.warning("abort of %s on %s failed: %s", request_id, worker.worker_id, error)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     # -- policy input, health ----------------------------------------------------------
 
