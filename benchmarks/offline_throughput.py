@@ -192,7 +192,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     results: dict[str, Any] = {
-        "workload": vars(args),
+        "workload": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
