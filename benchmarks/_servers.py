@@ -507,6 +507,13 @@ def tree_cpu_seconds(pid: int) -> float:
     return total / ticks
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` alone: the server's front process
+    (pdserve's router; vLLM's API server), without its engine processes."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:13]) / os.sysconf("SC_CLK_TCK")  # utime stime
+
+
 @dataclass
 class ServerRun:
     """What one server did in a comparison: its startup, its benchmark results (with the
@@ -517,6 +524,7 @@ class ServerRun:
     startup_s: float | None = None
     results: list[BenchResult] = field(default_factory=list)
     server_cpu_s: list[float] = field(default_factory=list)
+    router_cpu_s: list[float] = field(default_factory=list)  # the front process alone
     load_avg: list[tuple[float, float, float]] = field(default_factory=list)
     leftover_pids_killed: list[int] = field(default_factory=list)
     error: str = ""
@@ -539,7 +547,9 @@ def run_on_server(
             run_benchmark(dataclasses.replace(warmup, base_url=server.base_url, progress=False))
         for bench in benches:
             cpu_before = tree_cpu_seconds(server.pid)
+            router_before = process_cpu_seconds(server.pid)
             result = run_benchmark(dataclasses.replace(bench, base_url=server.base_url))
+            run.router_cpu_s.append(process_cpu_seconds(server.pid) - router_before)
             run.server_cpu_s.append(tree_cpu_seconds(server.pid) - cpu_before)
             run.load_avg.append(os.getloadavg())
             run.results.append(result)

@@ -145,8 +145,11 @@ def start_server(
 def summary(run: ServerRun) -> dict[str, Any]:
     """Per run (burst, paced): the figures the comparison quotes."""
     out: dict[str, Any] = {"startup_s": run.startup_s, "error": run.error}
-    for kind, result, cpu_s in zip(RUNS, run.results, run.server_cpu_s):
+    for kind, result, cpu_s, router_cpu_s in zip(
+        RUNS, run.results, run.server_cpu_s, run.router_cpu_s
+    ):
         m = result.metrics.to_dict()
+        num_tokens = max(1, m["total_output_tokens"])
         out[kind] = {
             **{
                 key: m[key]
@@ -167,7 +170,10 @@ def summary(run: ServerRun) -> dict[str, Any]:
                 )
             },
             "server_cpu_s": cpu_s,
-            "server_cpu_ms_per_output_token": 1e3 * cpu_s / max(1, m["total_output_tokens"]),
+            "server_cpu_ms_per_output_token": 1e3 * cpu_s / num_tokens,
+            # The front process alone: pdserve's router, vLLM's API server.
+            "router_cpu_s": router_cpu_s,
+            "router_cpu_ms_per_output_token": 1e3 * router_cpu_s / num_tokens,
         }
     return out
 
@@ -183,6 +189,7 @@ _COLUMNS = [
     ("ITL p99 (ms)", "p99_itl_ms", 1),
     ("TPOT p50 (ms)", "median_tpot_ms", 1),
     ("server CPU ms/out tok", "server_cpu_ms_per_output_token", 1),
+    ("router CPU ms/out tok", "router_cpu_ms_per_output_token", 2),
 ]
 # Higher is better for these; lower for the rest.
 _HIGHER_IS_BETTER = {"request_throughput", "output_throughput", "request_goodput", "slo_attainment"}

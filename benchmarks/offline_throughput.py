@@ -3,10 +3,11 @@
 For each model (``smollm2``: SmolLM2-135M-Instruct, pdserve's default, real weights from its
 GGUF file; the built-in ``pdserve-tiny``; a dummy-weight ~100M-parameter Llama), runs N
 prompts of ``--input-len`` tokens (SmolLM2: windows of real text; the others: random ids),
-generating exactly ``--output-len`` tokens each
-(greedy, EOS ignored), through ``engine.llm.LLM`` and through transformers' batched
-``generate`` (left-padded, KV cache on; for SmolLM2 on the same float32 weights, dequantized
-from the GGUF file), and prints and writes tokens/s for both.
+generating exactly ``--output-len`` tokens each (greedy, EOS ignored), through
+``engine.llm.LLM``, through transformers' batched ``generate`` (left-padded, KV cache on; for
+SmolLM2 on the same float32 weights, dequantized from the GGUF file) and, given
+``--vllm-venv`` (or ``$PDSERVE_VLLM_VENV``), through vLLM's offline ``LLM`` (CPU build, in
+its venv's process), and prints and writes tokens/s for each.
 
     python benchmarks/offline_throughput.py --num-prompts 32 --input-len 128 --output-len 64
 """
@@ -18,6 +19,7 @@ import json
 import os
 import platform
 import random
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -73,6 +75,68 @@ def bench_pdserve(model: str, prompts: list[list[int]], output_len: int, **engin
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
     return _figures(elapsed, sum(map(len, prompts)), num_out, len(prompts), cpu)
+
+
+# Run by the vLLM venv's Python: the same prompts through ``vllm.LLM`` (CPU build, fp32).
+_VLLM_SCRIPT = """
+import json, sys, time
+from vllm import LLM, SamplingParams
+spec = json.load(open(sys.argv[1]))
+llm = LLM(model=spec["model"], load_format=spec["load_format"], dtype="float32",
+          skip_tokenizer_init=True, max_model_len=2048, max_num_seqs=64,
+          max_num_batched_tokens=2048, seed=0)
+params = SamplingParams(temperature=0.0, max_tokens=spec["output_len"], ignore_eos=True,
+                        detokenize=False)
+llm.generate([{"prompt_token_ids": spec["prompts"][0][:8]}],
+             SamplingParams(max_tokens=2, detokenize=False), use_tqdm=False)  # warm-up
+start = time.perf_counter()
+outputs = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], params,
+                       use_tqdm=False)
+elapsed = time.perf_counter() - start
+print("PDSERVE-RESULT " + json.dumps({
+    "elapsed": elapsed, "num_out": sum(len(o.outputs[0].token_ids) for o in outputs)}))
+"""
+
+
+def bench_vllm(
+    python: Path, model: Path, load_format: str, prompts: list[list[int]], output_len: int
+) -> dict:
+    """vLLM's offline ``LLM.generate`` on the same prompts, in its own venv's process, with
+    as many OpenMP threads as torch uses here."""
+    from benchmarks._servers import server_env
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(
+            json.dumps(
+                {
+                    "model": str(model),
+                    "load_format": load_format,
+                    "prompts": prompts,
+                    "output_len": output_len,
+                }
+            )
+        )
+        env = server_env(
+            torch.get_num_threads(),
+            VLLM_CPU_KVCACHE_SPACE="1",
+            VLLM_CPU_OMP_THREADS_BIND="nobind",
+            VLLM_NO_USAGE_STATS="1",
+            VLLM_DO_NOT_TRACK="1",
+        )
+        done = subprocess.run(
+            [str(python), "-c", _VLLM_SCRIPT, str(spec)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=1800,
+            check=False,
+        )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("PDSERVE-RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"vLLM offline run failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    figures = json.loads(lines[-1].removeprefix("PDSERVE-RESULT "))
+    return _figures(figures["elapsed"], sum(map(len, prompts)), figures["num_out"], len(prompts))
 
 
 def bench_hf(model_path: Path, prompts: list[list[int]], output_len: int, batch_size: int) -> dict:
@@ -132,6 +196,12 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2,tiny,dummy-100m")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument(
+        "--vllm-venv",
+        type=Path,
+        default=os.environ.get("PDSERVE_VLLM_VENV"),
+        help="a venv with vllm-cpu: adds vLLM's offline figure (default $PDSERVE_VLLM_VENV)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both")
     parser.add_argument("--out", default="benchmarks/results/offline_throughput.json")
     args = parser.parse_args()
@@ -140,7 +210,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     results: dict[str, Any] = {
-        "workload": vars(args),
+        "workload": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
@@ -181,6 +251,21 @@ def main() -> None:
                     / row["hf_generate"]["output_tokens_per_s"],
                     2,
                 )
+            if args.vllm_venv is not None:
+                try:
+                    row["vllm"] = bench_vllm(
+                        args.vllm_venv / "bin" / "python",
+                        path,
+                        load_format,
+                        prompts,
+                        args.output_len,
+                    )
+                    row["speedup_vs_vllm"] = round(
+                        row["pdserve"]["output_tokens_per_s"] / row["vllm"]["output_tokens_per_s"],
+                        2,
+                    )
+                except (RuntimeError, subprocess.TimeoutExpired) as error:
+                    row["vllm_error"] = str(error)[-3000:]
             results["models"][name] = row
             print(f"{name}: {json.dumps(row)}")
 
@@ -189,7 +274,7 @@ def main() -> None:
     out.write_text(json.dumps(results, indent=2))
     print(f"\n{'model':<12} {'engine':<12} {'out tok/s':>10} {'total tok/s':>12} {'time s':>8}")
     for name, row in results["models"].items():
-        for engine_name in ("pdserve", "hf_generate"):
+        for engine_name in ("pdserve", "hf_generate", "vllm"):
             if engine_name in row:
                 f = row[engine_name]
                 print(

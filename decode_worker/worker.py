@@ -5,52 +5,39 @@ Lifecycle of a disaggregated request on this worker:
 1. ``reserve`` allocates blocks for the prompt (prefix-cache hits included: those blocks are
    not sent) and registers them with the KV receiver; it returns the ``TransferTarget`` the
    prefill worker writes into. No room: ``NoCapacityError`` (the router waits or refuses).
-   The reservation carries a lease: if nobody calls ``decode`` in time, the housekeeping
-   hook drops it and frees its blocks, so a dead router or prefill worker leaks nothing.
-2. ``decode`` waits until every (layer, block) arrived and verified, then joins the request
-   to the running batch with the first token the prefill worker sampled, and streams the
-   following tokens. A failed or expired transfer ends the stream with an error.
+   The reservation carries the request's one lease, kept by the scheduler's reserved entry
+   (``Request.lease_deadline``, ``time.monotonic()``): if nobody starts the decode and the
+   KV does not land in time, the housekeeping hook expires it, cancels its receiver
+   reservation and frees its blocks, so a dead router or prefill worker leaks nothing.
+2. ``decode`` routes the request's deltas to the outbox and chains the start of decoding
+   onto the receiver's completion future (resolved by the thread that records the last
+   write; no thread or task waits per request). Once resolved, the request joins the
+   running batch with the first token the prefill worker sampled. A failed or expired
+   transfer ends the stream with ``KVTransferFailedError``.
 3. ``abort`` works at any point; finished requests free their blocks into the prefix cache.
 
-``generate_local`` serves a request entirely here (local prefill: conditional
-disaggregation, and ``--colocated``).
+``generate`` serves a request entirely here (local prefill: conditional disaggregation, and
+``--colocated``). Deltas of both leave through ``outputs``, batched per engine step.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from concurrent.futures import Future
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.outputs import RequestDelta
-from engine.request import Request
 from engine.sampling_params import SamplingParams
+from engine.wire import KVTransferFailedError, NoCapacityError, Reservation
 from engine.worker import EngineWorker
-from kv_transfer.base import KVTransferConfig, ReceiverInfo, TransferTarget
+from kv_transfer.base import KVTransferConfig, ReceiverInfo, UnknownRequestError
 from kv_transfer.transport import get_transport
 
 logger = logging.getLogger(__name__)
 
-
-class NoCapacityError(RuntimeError):
-    """No free KV blocks for the request right now (the router retries or answers 429)."""
-
-
-class KVTransferFailedError(RuntimeError):
-    """The prompt's KV did not arrive intact or in time; the request cannot be decoded."""
-
-
-@dataclass(frozen=True)
-class Reservation:
-    """Set by ``DecodeWorker.reserve``: where and what the prefill worker sends."""
-
-    target: TransferTarget | None  # None when every prompt block is already cached here
-    num_skip_blocks: int  # leading prompt blocks already present here: not sent
+__all__ = ["DecodeWorker", "KVTransferFailedError", "NoCapacityError", "Reservation"]
 
 
 class DecodeWorker(EngineWorker):
@@ -71,12 +58,11 @@ class DecodeWorker(EngineWorker):
         local_name = f"{worker_id}-{uuid.uuid4().hex[:8]}"
         address = f"{kv_host}:0" if kv_config.transport == "grpc" else local_name
         self.receiver = transport.create_receiver(
-            self.engine.runner.kv_caches,
+            self.engine.kv_caches,
             kv_config,
             address=address,
             advertise_host=kv_advertise_host,
         )
-        self._lease_deadlines: dict[str, float] = {}  # loop thread only: reserved requests
         self.loop.start()
 
     # -- disaggregated path ------------------------------------------------------------
@@ -99,113 +85,104 @@ class DecodeWorker(EngineWorker):
         prompt_token_ids: list[int],
         sampling_params: SamplingParams,
     ) -> Reservation:
-        request = engine.make_request(request_id, prompt_token_ids, sampling_params)
-        if not engine.scheduler.reserve_request(request):
+        lease_s = self.kv_config.lease_s
+        request = engine.reserve(
+            request_id, prompt_token_ids, sampling_params, time.monotonic() + lease_s
+        )
+        if request is None:
+            stats = engine.stats()
             raise NoCapacityError(
                 f"decode worker {self.worker_id} has no room for {len(prompt_token_ids)} "
-                f"prompt tokens ({engine.scheduler.kv_cache_manager.num_free_blocks} free "
-                f"blocks of {self.block_size})"
+                f"prompt tokens ({stats.num_free_blocks} free blocks of {self.block_size})"
             )
-        self._lease_deadlines[request_id] = time.monotonic() + self.kv_config.lease_s
         num_skip_blocks = request.num_cached_tokens // self.block_size
         pending = request.block_ids[num_skip_blocks:]
         if not pending:
             return Reservation(target=None, num_skip_blocks=num_skip_blocks)
         try:
-            target = self.receiver.expect(request_id, pending)
+            # The receiver's copy of the lease only tells the sender when to give up.
+            target = self.receiver.expect(request_id, pending, lease_s=lease_s)
         except Exception:
-            self._release(engine, request_id)
+            engine.abort_request(request_id)
             raise
         return Reservation(target=target, num_skip_blocks=num_skip_blocks)
 
-    async def decode(
-        self,
-        request_id: str,
-        first_token_id: int,
-        timeout_s: float | None = None,
-    ) -> AsyncIterator[RequestDelta]:
-        """Wait for the KV, then stream the tokens after ``first_token_id``."""
-        stream = self.loop.open_stream(request_id)
+    async def decode(self, request_id: str, first_token_id: int) -> None:
+        """Decode once the KV has landed, after ``first_token_id``; the deltas (or a
+        ``KVTransferFailedError``) leave through ``outputs``."""
+        self.loop.route(request_id)
         try:
-            await self._wait_for_kv(request_id, timeout_s)
-            finished = await self.run(lambda e: self._start_decode(e, request_id, first_token_id))
-            if finished is not None:
-                yield finished
-                return
-            async for delta in self.loop.stream_deltas(request_id, stream):
-                yield delta
-        finally:
-            if self.loop.has_stream(request_id):
-                await self.abort(request_id)
+            kv: Future[None] | None = self.receiver.completion(request_id)
+        except UnknownRequestError:
+            kv = None  # nothing was sent (all cached here), or the reservation is gone
 
-    async def _wait_for_kv(self, request_id: str, timeout_s: float | None) -> None:
-        if self.receiver.status(request_id) is None and await self.run(
-            lambda e: request_id in e.scheduler.reserved
-        ):
-            return  # nothing was sent: every block was cached here
-        timeout_s = self.kv_config.lease_s if timeout_s is None else timeout_s
-        try:
-            complete = await asyncio.to_thread(self.receiver.wait_complete, request_id, timeout_s)
-        except Exception as error:
-            raise KVTransferFailedError(f"KV for {request_id!r} failed: {error}") from error
-        if not complete:
-            raise KVTransferFailedError(f"KV for {request_id!r} incomplete after {timeout_s}s")
+        def start(done: Future[None] | None) -> None:
+            self.loop.call(lambda e: self._start_decode(e, request_id, first_token_id, done))
+
+        if kv is None:
+            start(None)
+        else:
+            kv.add_done_callback(start)
 
     def _start_decode(
-        self, engine: LLMEngine, request_id: str, first_token_id: int
-    ) -> RequestDelta | None:
-        """Join the running batch; a delta when the first token already finished it."""
-        request: Request | None = engine.scheduler.reserved.get(request_id)
-        if request is None:
-            raise KVTransferFailedError(f"request {request_id!r} has no reservation any more")
+        self,
+        engine: LLMEngine,
+        request_id: str,
+        first_token_id: int,
+        kv: Future[None] | None,
+    ) -> None:
+        """Loop thread: join the running batch, or end the stream with the reason why not."""
+        error = None if kv is None else kv.exception()
+        if error is None and not engine.is_reserved(request_id):
+            error = RuntimeError("it has no reservation (expired or aborted)")
+        if error is not None:
+            self._release(engine, request_id)
+            self.loop.fail(
+                request_id, KVTransferFailedError(f"KV for {request_id!r} failed: {error}")
+            )
+            return
         self.receiver.cancel(request_id)  # the blocks are ours now: no more writes
-        self._lease_deadlines.pop(request_id, None)
-        request.output_token_ids.append(first_token_id)
-        if engine.scheduler.add_prefilled_request(request):
-            return None
-        return RequestDelta(
-            request_id=request_id,
-            new_token_ids=[],
-            new_logprobs=None,
-            finish_reason=request.finish_reason,
-            num_prompt_tokens=request.num_prompt_tokens,
-            num_cached_tokens=request.num_cached_tokens,
-        )
+        finished = engine.start_prefilled(request_id, first_token_id)
+        if finished is not None:  # the first token already ended it
+            self.loop.deliver(finished)
 
     # -- local path --------------------------------------------------------------------
 
-    async def generate_local(
+    async def generate(
         self,
         request_id: str,
         prompt_token_ids: list[int],
         sampling_params: SamplingParams,
         priority: int = 0,
-    ) -> AsyncIterator[RequestDelta]:
-        async for delta in self.loop.generate(
-            request_id, prompt_token_ids, sampling_params, priority
-        ):
-            yield delta
+    ) -> None:
+        """Prefill and decode here; the deltas leave through ``outputs``. Bad input raises
+        ``ValueError`` from this call."""
+        self.loop.route(request_id)
+        try:
+            await self.run(
+                lambda e: e.add_request(request_id, prompt_token_ids, sampling_params, priority)
+            )
+        except BaseException:
+            self.loop.drop_route(request_id)
+            raise
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def abort(self, request_id: str) -> None:
+        """The one abort on this side: the route, the receiver's reservation, the engine."""
+        self.loop.drop_route(request_id)
         await self.run(lambda e: self._release(e, request_id))
-        await super().abort(request_id)
 
     def _release(self, engine: LLMEngine, request_id: str) -> None:
         self.receiver.cancel(request_id)
-        self._lease_deadlines.pop(request_id, None)
         engine.abort_request(request_id)
 
     def _on_step(self, engine: LLMEngine) -> None:
-        """Leases: a reservation nobody turned into a decode in time gives its blocks back."""
-        if not self._lease_deadlines:
-            return
-        now = time.monotonic()
-        for request_id, deadline in list(self._lease_deadlines.items()):
-            if now > deadline:
-                logger.warning("reservation of %s expired: freeing its blocks", request_id)
-                self._release(engine, request_id)
+        """The lease: reservations nobody turned into a decode in time give their blocks
+        back; a decode still waiting for their KV gets ``KVTransferFailedError``."""
+        for request_id in engine.expire_reservations(time.monotonic()):
+            logger.warning("reservation of %s expired: freeing its blocks", request_id)
+            self.receiver.cancel(request_id)  # resolves a waiting decode's future
 
     def shutdown(self) -> None:
         super().shutdown()

@@ -1,12 +1,23 @@
 """Drive an ``LLMEngine`` from asyncio: the step loop runs on its own thread.
 
 The engine is not thread-safe, so only the loop thread touches it. Async callers submit work
-with ``call(fn)`` (``fn(engine)`` runs on the loop thread between two steps) and receive each
-request's ``RequestDelta`` stream through an ``asyncio.Queue`` fed with
-``call_soon_threadsafe``. Lifecycle: ``start()`` -> (``generate``/``call``/``abort``)* ->
-``shutdown()``; a request's queue is dropped when its last delta is delivered or it is
-aborted. An exception inside a step fails every open stream (never swallowed) and stops the
-loop; ``error`` then holds it.
+with ``call(fn)`` (``fn(engine)`` runs on the loop thread between two steps).
+
+Outputs leave the loop thread once per engine step: the step's deltas, as one list, are
+handed to the event loop with one ``call_soon_threadsafe`` and dispatched there by request
+id to the request's *route*:
+
+- the **outbox** (``route(request_id)``): deltas of every such request are appended to one
+  list per step and put on ``outbox`` as is; a worker's ``outputs`` stream sends those lists
+  to its remote reader (one message per wake-up, not one per request per token);
+- a **sink** (``route(request_id, sink)``): an in-process reader's callback (``generate``,
+  the prefill worker's first-token future).
+
+A route is dropped when its final delta passes, when ``close_stream`` ends it (abort, or a
+request the engine dropped by itself: a final token-less delta), or when ``fail`` sends it
+an error (``StreamError`` on the outbox). Lifecycle: ``start()`` -> (``route``/``call``/
+``abort``)* -> ``shutdown()``. An exception inside a step fails every open route (never
+swallowed) and stops the loop; ``error`` then holds it.
 """
 
 from __future__ import annotations
@@ -24,11 +35,14 @@ from engine.outputs import RequestDelta
 from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import SchedulerOutput
+from engine.wire import StreamError
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _STOP = object()
+Sink = Callable[[RequestDelta | BaseException], None]
+OutboxItem = RequestDelta | StreamError
 
 
 class EngineDeadError(RuntimeError):
@@ -46,9 +60,11 @@ class AsyncEngine:
         self._on_layer = on_layer
         self._on_step = on_step  # runs on the loop thread after every iteration (housekeeping)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # Event loop only: request id -> its sink, or None for the outbox.
+        self._routes: dict[str, Sink | None] = {}
+        self._event_loop: asyncio.AbstractEventLoop | None = None  # bound by the first route
+        self._outbox: asyncio.Queue[list[OutboxItem]] | None = None
         self._thread: threading.Thread | None = None
-        self._stopped = threading.Event()
         self.error: BaseException | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -77,14 +93,24 @@ class AsyncEngine:
         self._commands.put((fn, future))
         return future
 
-    def open_stream(self, request_id: str) -> asyncio.Queue:
-        """Register a delta queue for ``request_id`` (before the request can produce tokens)."""
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        return stream
+    @property
+    def outbox(self) -> asyncio.Queue[list[OutboxItem]]:
+        """Lists of outbox-routed deltas (and ``StreamError``s), one per engine step."""
+        self._bind()
+        assert self._outbox is not None
+        return self._outbox
 
-    def has_stream(self, request_id: str) -> bool:
-        return request_id in self._streams
+    def route(self, request_id: str, sink: Sink | None = None) -> None:
+        """Send ``request_id``'s deltas to ``sink``, or to the outbox when None. Register the
+        route before the request can produce tokens (before adding it to the engine)."""
+        self._bind()
+        self._routes[request_id] = sink
+
+    def has_route(self, request_id: str) -> bool:
+        return request_id in self._routes
+
+    def drop_route(self, request_id: str) -> None:
+        self._routes.pop(request_id, None)
 
     async def generate(
         self,
@@ -93,56 +119,91 @@ class AsyncEngine:
         sampling_params: SamplingParams,
         priority: int = 0,
     ) -> AsyncIterator[RequestDelta]:
-        """Add a request and yield its deltas; closing the generator early aborts it."""
-        stream = self.open_stream(request_id)
+        """Add a request and yield its deltas (in-process readers); closing early aborts it."""
+        deltas: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
+        self.route(request_id, deltas.put_nowait)
         try:
             await asyncio.wrap_future(
                 self.call(
                     lambda e: e.add_request(request_id, prompt_token_ids, sampling_params, priority)
                 )
             )
-            async for delta in self.stream_deltas(request_id, stream):
-                yield delta
+            while True:
+                item = await deltas.get()
+                if isinstance(item, BaseException):
+                    raise EngineDeadError(f"the engine loop died: {item!r}") from item
+                yield item
+                if item.finished:
+                    return
         finally:
-            if self.has_stream(request_id):
+            if self.has_route(request_id):
                 await self.abort(request_id)
 
-    async def stream_deltas(
-        self, request_id: str, stream: asyncio.Queue
-    ) -> AsyncIterator[RequestDelta]:
-        """Yield the request's deltas; those already queued are merged into one, so a reader
-        slower than the engine (a Ray stream, a busy router) gets fewer, larger messages."""
-        while True:
-            item = await stream.get()
-            while isinstance(item, RequestDelta) and not item.finished and not stream.empty():
-                queued = stream.get_nowait()
-                if not isinstance(queued, RequestDelta):
-                    stream.put_nowait(queued)  # an error: raised after this delta
-                    break
-                item = item.merge(queued)
-            if isinstance(item, BaseException):
-                self._streams.pop(request_id, None)
-                raise EngineDeadError(f"the engine loop died: {item!r}") from item
-            yield item
-            if item.finished:
-                self._streams.pop(request_id, None)
-                return
-
     async def abort(self, request_id: str) -> bool:
-        """Abort a request; a reader still waiting on its stream gets a final ABORT delta."""
+        """Abort a request; a reader still waiting on it gets a final ABORT delta."""
         self.close_stream(request_id)
         if not self.is_running:
             return False
         return await asyncio.wrap_future(self.call(lambda e: e.abort_request(request_id)))
 
     def close_stream(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> None:
-        """End a request's stream with a final token-less delta (from any thread): for a
+        """End a request's route with a final token-less delta (from any thread): for a
         request the engine dropped by itself, or one being aborted."""
-        entry = self._streams.pop(request_id, None)
-        if entry is not None:
-            loop, stream = entry
-            final = RequestDelta(request_id, [], None, reason, 0, num_cached_tokens=0)
-            loop.call_soon_threadsafe(stream.put_nowait, final)
+        self.deliver(RequestDelta(request_id, [], None, reason, 0, num_cached_tokens=0))
+
+    def deliver(self, delta: RequestDelta) -> None:
+        """Send a delta made outside a step to its route (from any thread)."""
+        self._to_event_loop(self._dispatch, [delta])
+
+    def fail(self, request_id: str, error: BaseException) -> None:
+        """End a request's route with ``error`` (from any thread)."""
+        self._to_event_loop(self._fail_routes, [request_id], error)
+
+    # -- the event loop side -----------------------------------------------------------
+
+    def _bind(self) -> None:
+        if self._event_loop is None:
+            self._event_loop = asyncio.get_running_loop()
+            self._outbox = asyncio.Queue()
+
+    def _to_event_loop(self, fn: Callable, *args: object) -> None:
+        loop = self._event_loop
+        if loop is None:
+            return  # nobody ever routed a request: nobody to tell
+        if _on_loop(loop):
+            fn(*args)
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _dispatch(self, deltas: list[RequestDelta]) -> None:
+        """One engine step's deltas to their routes: sinks called, outbox gets one list."""
+        routes = self._routes
+        batch: list[OutboxItem] = []
+        for delta in deltas:
+            if delta.request_id not in routes:
+                continue  # aborted, or not routed (a request the caller does not read)
+            sink = routes.pop(delta.request_id) if delta.finished else routes[delta.request_id]
+            if sink is None:
+                batch.append(delta)
+            else:
+                sink(delta)
+        if batch:
+            self.outbox.put_nowait(batch)
+
+    def _fail_routes(self, request_ids: list[str] | None, error: BaseException) -> None:
+        """``request_ids`` None: every route (the engine died)."""
+        ids = list(self._routes) if request_ids is None else request_ids
+        batch: list[OutboxItem] = []
+        for request_id in ids:
+            if request_id not in self._routes:
+                continue
+            sink = self._routes.pop(request_id)
+            if sink is None:
+                batch.append(StreamError.of(request_id, error))
+            else:
+                sink(error)
+        if batch:
+            self.outbox.put_nowait(batch)
 
     # -- the loop thread ---------------------------------------------------------------
 
@@ -151,24 +212,22 @@ class AsyncEngine:
             while True:
                 idle = not self.engine.has_schedulable_requests()
                 if not self._drain_commands(block=idle):
-                    self._close_streams(EngineDeadError("the engine was shut down"))
+                    self._to_event_loop(
+                        self._fail_routes, None, EngineDeadError("the engine was shut down")
+                    )
                     return
                 if self.engine.has_schedulable_requests():
-                    for delta in self.engine.step(self._on_layer):
-                        self._deliver(delta)
+                    deltas = self.engine.step(self._on_layer)
+                    if deltas:
+                        self._to_event_loop(self._dispatch, deltas)
                 if self._on_step is not None:
                     self._on_step(self.engine)
-        except BaseException as error:  # reported to every open stream, then re-raised
+        except BaseException as error:  # reported to every open route, then re-raised
             logger.exception("engine loop failed")
             self.error = error
-            self._close_streams(error)
+            self._to_event_loop(self._fail_routes, None, error)
             self._fail_pending_commands(error)
             raise
-
-    def _close_streams(self, error: BaseException) -> None:
-        """Every open stream raises ``error`` to its reader: nobody waits forever."""
-        for request_id in list(self._streams):
-            self._deliver_error(request_id, error)
 
     def _drain_commands(self, block: bool) -> bool:
         """Run queued commands; when idle, wait briefly for one. False means stop."""
@@ -199,14 +258,9 @@ class AsyncEngine:
             if item is not _STOP and item[1].set_running_or_notify_cancel():
                 item[1].set_exception(EngineDeadError(f"the engine loop died: {error!r}"))
 
-    def _deliver(self, delta: RequestDelta) -> None:
-        entry = self._streams.get(delta.request_id)
-        if entry is not None:
-            loop, stream = entry
-            loop.call_soon_threadsafe(stream.put_nowait, delta)
 
-    def _deliver_error(self, request_id: str, error: BaseException) -> None:
-        entry = self._streams.get(request_id)
-        if entry is not None:
-            loop, stream = entry
-            loop.call_soon_threadsafe(stream.put_nowait, error)
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False

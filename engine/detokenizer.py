@@ -21,6 +21,10 @@ turns out invalid, which no incremental decoder can foresee.
 ``StopStringMatcher`` watches that text for stop strings across token boundaries: it emits
 text up to the first stop string (or through it, with ``include_stop_str_in_output``) and
 holds back a tail that could still become a stop string until the next text decides it.
+
+``OutputText`` is the one delta-to-text path, shared by the offline ``LLM`` and the router:
+a sequence's ``RequestDelta``s in, text deltas with OpenAI/vLLM finish and stop reasons out
+(a stop string, or the stop token id the engine reported).
 """
 
 from __future__ import annotations
@@ -29,13 +33,32 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from engine.outputs import RequestDelta
+from engine.sampling_params import SamplingParams
+
 _REPLACEMENT_CHAR = "\ufffd"
+
+
+# Fast tokenizer classes whose ``_decode`` is the Rust tokenizer's decode followed by an
+# optional clean-up (off here): for them the Rust decode is called directly, ~7x cheaper per
+# call than ``tokenizer.decode`` (3 us vs 22 us on pdserve-tiny), two calls per token.
+_PLAIN_FAST_DECODERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _rust_decode(tokenizer: Any) -> Any | None:
+    """The ``tokenizers.Tokenizer.decode`` that ``tokenizer.decode`` amounts to, or None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    owner = next((c for c in type(tokenizer).__mro__ if "_decode" in c.__dict__), None)
+    if backend is None or owner is None or owner.__name__ not in _PLAIN_FAST_DECODERS:
+        return None
+    return backend.decode
 
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._rust_decode = _rust_decode(tokenizer)
         self.token_ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
@@ -43,6 +66,8 @@ class IncrementalDetokenizer:
     def _decode(self, token_ids: list[int]) -> str:
         if not token_ids:
             return ""
+        if self._rust_decode is not None:
+            return self._rust_decode(token_ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(
             token_ids,
             skip_special_tokens=self.skip_special_tokens,
@@ -117,3 +142,52 @@ class StopStringMatcher:
                     longest = length
                     break
         return longest
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """What one ``RequestDelta`` adds to a sequence's text. Set by ``OutputText.add``."""
+
+    text: str
+    finish_reason: str | None  # "stop" | "length" | "abort" on the sequence's last one
+    stop_reason: int | str | None  # the stop string, or stop token id, that ended it
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class OutputText:
+    """One sequence's deltas to text: detokenization, stop strings, finish reasons.
+
+    A stop string ends the sequence early: ``finished`` turns True while the engine is
+    still generating it, and the caller aborts it there. Without a tokenizer (token-id-only
+    use) the text stays empty and stop strings cannot match.
+    """
+
+    def __init__(self, tokenizer: Any | None, params: SamplingParams) -> None:
+        self.detokenizer = (
+            IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
+            if tokenizer is not None
+            else None
+        )
+        self.stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
+        self.finished = False
+
+    def add(self, delta: RequestDelta) -> TextDelta:
+        engine_done = delta.finish_reason is not None
+        text, stop = "", None
+        if self.detokenizer is not None:
+            text = self.detokenizer.add_tokens(delta.new_token_ids)
+            if engine_done:
+                text += self.detokenizer.finish()
+            match = self.stops.feed(text, final=engine_done)
+            text, stop = match.text, match.stop
+        if stop is not None:
+            self.finished = True
+            return TextDelta(text, "stop", stop)
+        if engine_done:
+            self.finished = True
+            assert delta.finish_reason is not None
+            return TextDelta(text, delta.finish_reason.value, delta.stop_token_id)
+        return TextDelta(text, None, None)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from engine.arg_utils import engine_config_from_kwargs
 from engine.config import DEFAULT_MODEL, EngineConfig
-from engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from engine.detokenizer import OutputText
 from engine.llm_engine import LLMEngine
 from engine.outputs import CompletionOutput, RequestDelta, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -30,12 +30,7 @@ class _Sequence:
     def __init__(self, request_id: str, params: SamplingParams, tokenizer: Any) -> None:
         self.request_id = request_id
         self.params = params
-        self.detokenizer = (
-            IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
-            if tokenizer is not None
-            else None
-        )
-        self.stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
+        self.output_text = OutputText(tokenizer, params)
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprobs] = []
         self.text = ""
@@ -137,23 +132,11 @@ class LLM:
         seq.token_ids.extend(delta.new_token_ids)
         if delta.new_logprobs:
             seq.logprobs.extend(delta.new_logprobs)
-        if seq.detokenizer is not None:
-            finished = delta.finish_reason is not None
-            text = seq.detokenizer.add_tokens(delta.new_token_ids)
-            if finished:
-                text += seq.detokenizer.finish()
-            match = seq.stops.feed(text, final=finished)
-            seq.text += match.text
-            if match.stop is not None:
-                seq.finish_reason = "stop"
-                seq.stop_reason = match.stop
-                if not finished:
-                    self.engine.abort_request(seq.request_id)
-                return True
-        if delta.finish_reason is not None:
-            seq.finish_reason = delta.finish_reason.value
-            request = self.engine.scheduler.get_request(seq.request_id)
-            if request is not None and request.stop_token_id is not None:
-                seq.stop_reason = request.stop_token_id
-            return True
-        return False
+        text = seq.output_text.add(delta)
+        seq.text += text.text
+        if not text.finished:
+            return False
+        seq.finish_reason, seq.stop_reason = text.finish_reason, text.stop_reason
+        if not delta.finished:  # a stop string: the engine is still generating it
+            self.engine.abort_request(seq.request_id)
+        return True

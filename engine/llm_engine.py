@@ -133,9 +133,73 @@ class LLMEngine:
                     finish_reason=request.finish_reason,
                     num_prompt_tokens=request.num_prompt_tokens,
                     num_cached_tokens=request.num_cached_tokens,
+                    stop_token_id=request.stop_token_id,
                 )
             )
         return deltas
+
+    # -- what the worker roles use (loop thread only) ----------------------------------
+
+    def reserve(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        lease_deadline: float,
+    ) -> Request | None:
+        """Decode role: allocate the prompt's blocks for KV computed elsewhere, leased until
+        ``lease_deadline`` (``time.monotonic()``). None when there is no room now. The
+        returned request's ``block_ids`` / ``num_cached_tokens`` say where the KV goes."""
+        request = self.make_request(request_id, prompt_token_ids, sampling_params)
+        if not self.scheduler.reserve_request(request, lease_deadline):
+            return None
+        return request
+
+    def is_reserved(self, request_id: str) -> bool:
+        return request_id in self.scheduler.reserved
+
+    def start_prefilled(self, request_id: str, first_token_id: int) -> RequestDelta | None:
+        """Decode role: the reserved request's KV is in place; join the batch with the first
+        token sampled elsewhere. Returns its final delta when that token already finished
+        it; ``KeyError`` when it holds no reservation (expired, aborted, unknown)."""
+        request = self.scheduler.reserved.get(request_id)
+        if request is None:
+            raise KeyError(f"request {request_id!r} has no reservation")
+        request.output_token_ids.append(first_token_id)
+        if self.scheduler.add_prefilled_request(request):
+            return None
+        return RequestDelta(
+            request_id=request_id,
+            new_token_ids=[],
+            new_logprobs=None,
+            finish_reason=request.finish_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+            stop_token_id=request.stop_token_id,
+        )
+
+    def expire_reservations(self, now: float) -> list[str]:
+        """Decode role: drop the reservations whose lease ended; their request ids."""
+        return self.scheduler.expire_reservations(now)
+
+    def block_ids(self, request_id: str) -> list[int]:
+        """The request's block table (a copy), in prompt-block order."""
+        request = self.scheduler.get_request(request_id)
+        if request is None:
+            raise KeyError(f"no request {request_id!r}")
+        return list(request.block_ids)
+
+    def pin_blocks(self, block_ids: list[int]) -> None:
+        """Keep blocks allocated after their request ends (a transfer still reads them)."""
+        self.scheduler.kv_cache_manager.pin(block_ids)
+
+    def unpin_blocks(self, block_ids: list[int]) -> None:
+        self.scheduler.kv_cache_manager.unpin(block_ids)
+
+    @property
+    def kv_caches(self) -> list:
+        """Per layer ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (the runner's)."""
+        return self.runner.kv_caches
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()

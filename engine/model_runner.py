@@ -91,6 +91,16 @@ class ModelRunner:
         self.sampler = Sampler()
         self._requests: dict[str, Request] = {}
         self._generators: dict[str, torch.Generator] = {}
+        # The persistent block table: one row per request the scheduler runs, filled from
+        # each step's ``new_block_ids``; rows are recycled when a request finishes or is
+        # preempted. Host memory: the step's rows are copied to the device with the metadata.
+        max_rows = config.scheduler.max_num_seqs
+        self._block_table = torch.zeros(
+            (max_rows, -(-self.max_model_len // self.block_size)), dtype=torch.int32
+        )  # [rows, max_blocks_per_seq]
+        self._num_blocks = [0] * max_rows  # per row: how many block ids it holds
+        self._rows: dict[str, int] = {}
+        self._free_rows = list(range(max_rows - 1, -1, -1))
 
     def _maybe_capture_cuda_graphs(self) -> CudaGraphDecodeRunner | None:
         """Decode steps replay CUDA graphs on CUDA with the Triton backend, unless eager."""
@@ -117,10 +127,12 @@ class ModelRunner:
         for request_id in scheduler_output.finished_request_ids:
             self._requests.pop(request_id, None)
             self._generators.pop(request_id, None)
+            self._release_row(request_id)
         # A preempted request keeps its generator: recomputing its KV draws nothing, so its
         # next sample continues the same random stream as if it had never been preempted.
         for request_id in scheduler_output.preempted_request_ids:
             self._requests.pop(request_id, None)
+            self._release_row(request_id)
         for request in scheduler_output.new_requests:
             self._requests[request.request_id] = request
             seed = request.sampling_params.seed
@@ -129,55 +141,91 @@ class ModelRunner:
 
     # -- inputs ------------------------------------------------------------------------
 
+    def _block_table_row(self, request_id: str) -> int:
+        row = self._rows.get(request_id)
+        if row is None:
+            if not self._free_rows:  # more requests than max_num_seqs: grow the table
+                extra = self._block_table.shape[0]
+                self._block_table = torch.cat(
+                    [self._block_table, torch.zeros_like(self._block_table)]
+                )
+                self._free_rows.extend(range(2 * extra - 1, extra - 1, -1))
+                self._num_blocks.extend([0] * extra)
+            row = self._rows[request_id] = self._free_rows.pop()
+        return row
+
+    def _release_row(self, request_id: str) -> None:
+        row = self._rows.pop(request_id, None)
+        if row is not None:
+            self._block_table[row].zero_()
+            self._num_blocks[row] = 0
+            self._free_rows.append(row)
+
     def prepare_inputs(self, scheduler_output: SchedulerOutput) -> StepInputs:
+        """Flatten the step: per sequence only Python lists of ids; per token, tensor ops."""
         block_size = self.block_size
+        table = self._block_table
         input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
-        block_tables: list[list[int]] = []
+        rows: list[int] = []
+        starts: list[int] = []
+        query_lens: list[int] = []
         sample_indices: list[int] = []
         sampled_request_ids: list[str] = []
         num_decodes = 0
+        num_tokens = 0
         for seq in scheduler_output.sequences:
-            start = seq.start_position
-            end = start + seq.num_tokens
+            row = self._block_table_row(seq.request_id)
+            if seq.new_block_ids:
+                num_known = self._num_blocks[row]
+                num_new = len(seq.new_block_ids)
+                table[row, num_known : num_known + num_new] = torch.tensor(
+                    seq.new_block_ids, dtype=torch.int32
+                )
+                self._num_blocks[row] = num_known + num_new
             input_ids.extend(seq.token_ids)
-            positions.extend(range(start, end))
-            block_ids = seq.block_ids
-            slot_mapping.extend(
-                block_ids[pos // block_size] * block_size + pos % block_size
-                for pos in range(start, end)
-            )
-            query_start_loc.append(query_start_loc[-1] + seq.num_tokens)
-            seq_lens.append(end)
-            block_tables.append(block_ids)
+            rows.append(row)
+            starts.append(seq.start_position)
+            query_lens.append(seq.num_tokens)
+            num_tokens += seq.num_tokens
             if seq.sample:
-                sample_indices.append(query_start_loc[-1] - 1)
+                sample_indices.append(num_tokens - 1)
                 sampled_request_ids.append(seq.request_id)
-            if seq.num_tokens == 1 and num_decodes == len(seq_lens) - 1:
+            if seq.num_tokens == 1 and num_decodes == len(rows) - 1:
                 num_decodes += 1
-        max_blocks = max((len(t) for t in block_tables), default=0)
-        table = torch.zeros((len(block_tables), max(max_blocks, 1)), dtype=torch.int32)
-        for row, block_ids in enumerate(block_tables):
-            table[row, : len(block_ids)] = torch.tensor(block_ids, dtype=torch.int32)
+        seq_lens = [a + n for a, n in zip(starts, query_lens)]
+        query_start_loc = [0, *itertools.accumulate(query_lens)]
+        max_blocks = -(-max(seq_lens, default=1) // block_size)
+        rows_t = torch.tensor(rows, dtype=torch.long)
+        block_tables = table.index_select(0, rows_t)[:, : max(max_blocks, 1)]  # [seqs, blocks]
+        # positions: start of each token's sequence + its offset in the chunk
+        lens_t = torch.tensor(query_lens, dtype=torch.long)
+        token_seq = torch.repeat_interleave(torch.arange(len(rows)), lens_t)  # [num_tokens]
+        chunk_starts = torch.tensor(query_start_loc[:-1], dtype=torch.long)
+        positions = (
+            torch.tensor(starts, dtype=torch.long)[token_seq]
+            + torch.arange(num_tokens)
+            - chunk_starts[token_seq]
+        )
+        slot_mapping = (
+            block_tables[token_seq, positions // block_size].long() * block_size
+            + positions % block_size
+        )
         device = self.device
         metadata = AttentionMetadata(
             num_decodes=num_decodes,
             num_decode_tokens=num_decodes,
             query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            block_tables=table.to(device),
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
-            max_query_len=max((b - a for a, b in itertools.pairwise(query_start_loc)), default=0),
+            block_tables=block_tables.to(device),
+            slot_mapping=slot_mapping.to(device),
+            max_query_len=max(query_lens, default=0),
             max_seq_len=max(seq_lens, default=0),
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
         )
         return StepInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
-            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            positions=positions.to(device),
             metadata=metadata,
             sample_indices=torch.tensor(sample_indices, dtype=torch.long, device=device),
             sampled_request_ids=sampled_request_ids,

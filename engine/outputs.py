@@ -18,6 +18,7 @@ class RequestDelta:
     finish_reason: FinishReason | None  # set on the request's last delta
     num_prompt_tokens: int
     num_cached_tokens: int  # prompt tokens served from the prefix cache
+    stop_token_id: int | None = None  # on the last delta: the stop token (or EOS) that ended it
 
     @property
     def finished(self) -> bool:
@@ -35,6 +36,7 @@ class RequestDelta:
             finish_reason=later.finish_reason,
             num_prompt_tokens=later.num_prompt_tokens,
             num_cached_tokens=later.num_cached_tokens,
+            stop_token_id=later.stop_token_id,
         )
 
 

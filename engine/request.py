@@ -67,6 +67,9 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache, first schedule
     num_preemptions: int = 0
     stop_token_id: int | None = None  # the stop token (or EOS) that finished it, if any
+    # Decode role: while reserved, when the reservation lapses (the caller's clock, e.g.
+    # time.monotonic()); the request's one lease. None: never expires.
+    lease_deadline: float | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

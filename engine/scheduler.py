@@ -24,7 +24,9 @@ Queues and who frees what:
 * Decode role: ``reserve_request`` allocates a prompt's blocks before its KV arrives from a
   prefill worker (the request waits in ``reserved``); once the KV and the first sampled token
   are in, ``add_prefilled_request`` queues it as already computed, so it is next scheduled as
-  a one-token decode. The prefill role needs nothing special: ``max_tokens=1``.
+  a one-token decode. A reservation carries the request's one lease
+  (``Request.lease_deadline``): ``expire_reservations(now)`` aborts those nobody took in
+  time. The prefill role needs nothing special: ``max_tokens=1``.
 
 Sizes are checked at admission so nothing can hang: ``max_model_len`` is capped at what the
 KV cache holds (``num_blocks * block_size``), and a prompt that reaches it raises
@@ -104,7 +106,10 @@ class Scheduler:
         self.reserved: dict[str, Request] = {}
         self._arrival_order: dict[str, int] = {}
         self._next_arrival = 0
-        self._runner_request_ids: set[str] = set()  # requests the runner holds state for
+        # Requests the runner holds state for -> how many of their block ids it has been sent:
+        # each step sends only the blocks appended since (block tables only grow while a
+        # request runs; preemption and finishing drop the entry and the runner's row).
+        self._runner_num_blocks: dict[str, int] = {}
         self._finished_request_ids: list[str] = []  # to report in the next SchedulerOutput
         self._just_finished: dict[str, Request] = {}  # still found by get_request until then
         self.num_preemptions = 0
@@ -118,14 +123,17 @@ class Scheduler:
         self._admit(request)
         self.waiting.push(request)
 
-    def reserve_request(self, request: Request) -> bool:
+    def reserve_request(self, request: Request, lease_deadline: float | None = None) -> bool:
         """Decode role: allocate blocks for the prompt's KV, which another worker computes.
 
         On success ``request.block_ids`` is the block table to write and
         ``request.num_cached_tokens`` the leading tokens already present (prefix-cache hits:
         no need to send them). False, with nothing kept, when the pool lacks room now.
+        ``lease_deadline``: ``expire_reservations`` drops the reservation after it unless
+        ``add_prefilled_request`` took it first.
         """
         self._validate(request)
+        request.lease_deadline = lease_deadline
         num_cached_tokens = self.kv_cache_manager.reserve(request, request.num_prompt_tokens)
         if num_cached_tokens is None:
             return False
@@ -147,6 +155,7 @@ class Scheduler:
         if not request.output_token_ids:
             raise ValueError(f"request {request.request_id!r} has no sampled first token")
         del self.reserved[request.request_id]
+        request.lease_deadline = None
         request.num_computed_tokens = request.num_prompt_tokens
         self.kv_cache_manager.cache_full_blocks(request)
         status = self._check_stop(request)
@@ -169,6 +178,17 @@ class Scheduler:
         self._finish(request, RequestStatus.FINISHED_ABORTED)
         return True
 
+    def expire_reservations(self, now: float) -> list[str]:
+        """Abort every reservation whose lease ended at or before ``now``; their ids."""
+        expired = [
+            r.request_id
+            for r in self.reserved.values()
+            if r.lease_deadline is not None and r.lease_deadline <= now
+        ]
+        for request_id in expired:
+            self.abort_request(request_id)
+        return expired
+
     # ---- one step ----------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
@@ -182,19 +202,20 @@ class Scheduler:
         preempted_ids: list[str] = []
 
         def emit(request: Request, num_new_tokens: int) -> None:
+            if request.request_id not in self._runner_num_blocks:
+                self._runner_num_blocks[request.request_id] = 0  # the runner has no table yet
+                new_requests.append(request)
             start = request.num_computed_tokens
             end = start + num_new_tokens
             seq = ScheduledSequence(
                 request_id=request.request_id,
                 token_ids=_token_slice(request, start, end),
                 start_position=start,
-                block_ids=list(request.block_ids),
+                new_block_ids=request.block_ids[self._runner_num_blocks[request.request_id] :],
                 sample=end == request.num_tokens,
             )
+            self._runner_num_blocks[request.request_id] = len(request.block_ids)
             (decodes if num_new_tokens == 1 and seq.sample else prefills).append(seq)
-            if request.request_id not in self._runner_request_ids:
-                self._runner_request_ids.add(request.request_id)
-                new_requests.append(request)
 
         # 1. Running requests, in policy order: the last one is the first to be preempted.
         self.running.sort(key=self._policy_key)
@@ -362,7 +383,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         """Preempt a running request by recompute: back to the front of ``waiting``."""
         self._reset_for_recompute(request)
-        self._runner_request_ids.discard(request.request_id)
+        self._runner_num_blocks.pop(request.request_id, None)
         self.waiting.push_front(request)
 
     def _reclaim_waiting_blocks(self) -> bool:
@@ -402,7 +423,7 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
         del self._arrival_order[request.request_id]
-        self._runner_request_ids.discard(request.request_id)
+        self._runner_num_blocks.pop(request.request_id, None)
         self._finished_request_ids.append(request.request_id)
         self._just_finished[request.request_id] = request
 

@@ -14,7 +14,9 @@ class ScheduledSequence:
     request_id: str
     token_ids: list[int]  # tokens whose KV this step computes: a prefill chunk, or the last token
     start_position: int  # the request's num_computed_tokens before this step
-    block_ids: list[int]  # the request's whole block table, covering all its computed tokens
+    # Block ids appended to the request's block table since the runner last saw it (all of
+    # them for a request in ``new_requests``): the runner keeps the table between steps.
+    new_block_ids: list[int]
     sample: bool  # True when this step reaches the last known token: the runner samples one
 
     @property

@@ -12,47 +12,13 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
 
-from engine.async_engine import AsyncEngine
+from engine.async_engine import AsyncEngine, OutboxItem
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestDelta
 from engine.scheduler_output import SchedulerOutput
-
-
-@dataclass(frozen=True)
-class WorkerStats:
-    """A snapshot for the router's policy and metrics. Set by the worker."""
-
-    worker_id: str
-    role: str  # "prefill" | "decode"
-    num_waiting: int
-    num_running: int
-    num_reserved: int  # decode: requests whose KV is still arriving
-    num_total_blocks: int
-    num_free_blocks: int
-    prefix_cache_queries: int  # tokens
-    prefix_cache_hits: int  # tokens
-    num_preemptions: int
-    block_size: int
-    uptime_s: float
-
-
-@dataclass(frozen=True)
-class WorkerInfo:
-    """Static facts the router needs from a worker, fetched once at start."""
-
-    worker_id: str
-    role: str
-    model: str
-    model_path: str
-    max_model_len: int
-    block_size: int
-    vocab_size: int
-    pid: int  # the worker's process
-    node_id: str | None  # the Ray node it runs on; None outside Ray
+from engine.wire import WorkerInfo, WorkerStats
 
 
 def _ray_node_id() -> str | None:
@@ -60,15 +26,6 @@ def _ray_node_id() -> str | None:
     if ray is None or not ray.is_initialized():
         return None
     return ray.get_runtime_context().get_node_id()
-
-
-@dataclass(frozen=True)
-class StreamError:
-    """A request's stream failed on the worker; sent in place of its next delta."""
-
-    request_id: str
-    kind: str  # the exception's class name
-    message: str
 
 
 class EngineWorker:
@@ -81,10 +38,6 @@ class EngineWorker:
         self._started = time.monotonic()
         # Roles start the loop at the end of their own __init__, once their hooks can run.
         self.loop = AsyncEngine(self.engine, on_layer=self._on_layer, on_step=self._on_step)
-        # The remote output channel (``start_stream`` / ``outputs``). An asyncio.Queue binds
-        # to the event loop that first awaits it, so creating it here is safe.
-        self._outbox: asyncio.Queue[RequestDelta | StreamError] = asyncio.Queue()
-        self._pumps: set[asyncio.Task] = set()
 
     # Hooks for the roles; both run on the loop thread.
     def _on_layer(self, step: SchedulerOutput, layer: int) -> None:
@@ -137,39 +90,42 @@ class EngineWorker:
     async def abort(self, request_id: str) -> None:
         await self.loop.abort(request_id)
 
-    # -- one output channel for remote callers -------------------------------------------
+    # -- the output channel ------------------------------------------------------------
     #
-    # In process, callers iterate a request's async generator (``decode``,
-    # ``generate_local``) directly. Across processes one message per request per token is
-    # expensive (a Ray streaming item costs ~1 ms of CPU), so a remote caller starts the
-    # generator here with ``start_stream`` and reads every request's deltas, batched per
-    # wake-up, from one long-lived ``outputs`` stream. One reader per worker.
+    # A request started with ``DecodeWorker.generate`` or ``decode`` sends its deltas to the
+    # engine's outbox: each engine step's deltas of all such requests are one list, sent to
+    # the reader as is. One reader per worker (the router's client); a Ray streaming item
+    # costs ~1 ms of CPU, so this is one message per wake-up, not one per request per token.
 
-    async def start_stream(self, method: str, request_id: str, *args: Any) -> None:
-        """Run ``method(request_id, *args)`` (an async generator of deltas) in the background;
-        its deltas, or a ``StreamError``, go out through ``outputs``."""
-        outbox = self._outbox
-        stream = getattr(self, method)(request_id, *args)
-
-        async def pump() -> None:
-            try:
-                async for delta in stream:
-                    outbox.put_nowait(delta)
-            except Exception as error:
-                outbox.put_nowait(StreamError(request_id, type(error).__name__, str(error)))
-
-        task = asyncio.create_task(pump())
-        self._pumps.add(task)
-        task.add_done_callback(self._pumps.discard)
-
-    async def outputs(self) -> AsyncIterator[list[RequestDelta | StreamError]]:
-        """Every started stream's deltas, in order, as lists of what was ready together."""
-        outbox = self._outbox
+    async def outputs(self) -> AsyncIterator[list[OutboxItem]]:
+        """Every outbox-routed request's deltas, in order, as lists of what was ready
+        together; a request's deltas queued together are merged into one."""
+        outbox = self.loop.outbox
         while True:
-            batch = [await outbox.get()]
-            while not outbox.empty():
-                batch.append(outbox.get_nowait())
+            batch = await outbox.get()
+            if not outbox.empty():
+                while not outbox.empty():
+                    batch = batch + outbox.get_nowait()
+                batch = _merge(batch)
             yield batch
 
     def shutdown(self) -> None:
         self.loop.shutdown()
+
+
+def _merge(batch: list[OutboxItem]) -> list[OutboxItem]:
+    """Consecutive unfinished deltas of one request become one; order is kept otherwise."""
+    merged: list[OutboxItem] = []
+    last: dict[str, int] = {}  # request id -> index in merged of its open delta
+    for item in batch:
+        index = last.get(item.request_id)
+        if isinstance(item, RequestDelta) and index is not None:
+            merged[index] = merged[index].merge(item)  # type: ignore[union-attr]
+        else:
+            merged.append(item)
+            index = len(merged) - 1
+        if isinstance(item, RequestDelta) and not item.finished:
+            last[item.request_id] = index
+        else:
+            last.pop(item.request_id, None)
+    return merged

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from engine.wire import TransferBreakdown  # the router reads it too: torch-free
+
 MiB = 1 << 20
 
 
@@ -108,18 +110,6 @@ class KVChunk:
     checksum: int  # layout.checksum(payload); 0 without a payload
     # Without a payload: layout.block_checksums of each destination block, in block_ids order.
     block_checksums: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class TransferBreakdown:
-    """Where one request's transfer time went; each in seconds from its first layer handed
-    to the sender (``send_layer``). Set by the sender; ``verify_s`` comes with the ack."""
-
-    queue_wait_s: float  # until the sender thread took the first layer
-    first_byte_s: float  # until the first write left (gRPC: to the call; NIXL: WRITE posted)
-    last_byte_s: float  # until the last write left
-    acknowledged_s: float  # until the receiver acknowledged every write
-    verify_s: float  # receiver time spent checking checksums, summed over the writes
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ report to the sender. A chunk without a payload is the notification of a one-sid
 that already landed: each block's checksum is verified against the bytes in the cache.
 
 The decode worker drives the rest: ``expect`` (after reserving blocks in its block pool),
-``is_complete`` / ``wait_complete``, ``cancel`` (abort, or the request joined the decode batch)
-and ``expire`` (leases; it frees the returned requests' blocks).
+``completion`` (a future) / ``is_complete`` / ``wait_complete``, ``cancel`` (abort, or the
+request joined the decode batch) and ``expire`` (leases; it frees the returned requests'
+blocks).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Protocol
 
 import torch
@@ -160,6 +162,14 @@ class KVReceiver:
                 f"current epoch is {reservation.epoch}"
             )
         _check_live(reservation)
+
+    def completion(self, request_id: str) -> Future[None]:
+        """Resolves once every write arrived (None), or with the error when the transfer
+        failed or the reservation was dropped; ``UnknownRequestError`` when there is none."""
+        reservation = self._table.get(request_id)
+        if reservation is None:
+            raise UnknownRequestError(f"no reservation for request {request_id!r}")
+        return reservation.completion
 
     def cancel(self, request_id: str) -> bool:
         """Drop the reservation; once it returns no write touches its blocks. False if unknown."""

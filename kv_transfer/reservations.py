@@ -17,6 +17,7 @@ import itertools
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from kv_transfer.base import (
@@ -45,6 +46,25 @@ class Reservation:
     # Held while a write's bytes go into this reservation's blocks.
     write_lock: threading.Lock = field(default_factory=threading.Lock)
     done: threading.Event = field(default_factory=threading.Event)  # COMPLETE, FAILED or gone
+    # Resolved with ``done``: None when COMPLETE; the error when FAILED or CANCELLED. The
+    # decode worker chains the start of decoding onto it (no thread waits per request).
+    completion: Future[None] = field(default_factory=Future)
+
+    def _signal(self) -> None:
+        """Set ``done`` and resolve ``completion`` from the status (once)."""
+        self.done.set()
+        if self.completion.done():
+            return
+        if self.status is TransferStatus.COMPLETE:
+            self.completion.set_result(None)
+        elif self.status is TransferStatus.FAILED:
+            self.completion.set_exception(
+                TransferFailedError(f"request {self.request_id!r}: {self.error}")
+            )
+        else:
+            self.completion.set_exception(
+                UnknownRequestError(f"reservation for {self.request_id!r} was dropped")
+            )
 
     @property
     def num_expected(self) -> int:
@@ -82,7 +102,7 @@ class ReservationTable:
             )
             if reservation.num_expected == 0:
                 reservation.status = TransferStatus.COMPLETE
-                reservation.done.set()
+                reservation._signal()
             self._reservations[request_id] = reservation
             return reservation
 
@@ -131,7 +151,7 @@ class ReservationTable:
                 and reservation.num_recorded == reservation.num_expected
             ):
                 reservation.status = TransferStatus.COMPLETE
-                reservation.done.set()
+                reservation._signal()
             return reservation.status is TransferStatus.COMPLETE
 
     def fail(self, reservation: Reservation, error: str) -> None:
@@ -174,13 +194,13 @@ class ReservationTable:
         if reservation.status is TransferStatus.RECEIVING:
             reservation.status = TransferStatus.FAILED
             reservation.error = error
-            reservation.done.set()
+            reservation._signal()
 
     def _remove_locked(self, request_id: str) -> Reservation | None:
         reservation = self._reservations.pop(request_id, None)
         if reservation is not None:
             reservation.status = TransferStatus.CANCELLED
-            reservation.done.set()
+            reservation._signal()
         return reservation
 
 

@@ -2,8 +2,11 @@
 
 ``send_layer`` validates its arguments, records a CUDA event when the cache is on a GPU (so
 the pack waits for the kernels that wrote the layer, not for the whole device) and enqueues a
-job. One daemon thread takes jobs in order: for each chunk of ``chunk_bytes`` of the layer's
-blocks it packs them into one reused staging buffer (``pack_fn``: by default the Triton
+job on the lane of the request's decode worker (its ``target.address``). Each lane is one
+daemon thread with its own job queue and staging buffer, so one slow or stalled decode
+worker (backpressure blocks its lane's ``write``) does not hold up transfers to the others.
+A lane takes its jobs in order: for each chunk of ``chunk_bytes`` of the layer's
+blocks it packs them into the lane's reused staging buffer (``pack_fn``: by default the Triton
 kernel on CUDA, torch elsewhere; then a copy to pinned host memory on a GPU), checksums them
 and writes them into the request's ``ChunkStream`` - the transport's part, opened on the first
 chunk - which is done with the buffer when ``write`` returns. A stream applies backpressure
@@ -24,7 +27,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -95,11 +98,22 @@ class StreamOpener(ABC):
 
 
 @dataclass
+class _Lane:
+    """The sending thread of one decode worker: its jobs, in order, and its staging."""
+
+    staging: torch.Tensor  # [blocks_per_chunk, 2, block_size, H, D] on the cache's device
+    host_staging: torch.Tensor | None  # pinned copy of it when the cache is on a GPU
+    jobs: queue.SimpleQueue[_LayerJob | _FlushJob | None] = field(default_factory=queue.SimpleQueue)
+    thread: threading.Thread | None = None
+
+
+@dataclass
 class _Outgoing:
-    """A request being sent. Fields below ``target`` are written by the worker thread."""
+    """A request being sent. Fields below ``lane`` are written by the lane's thread."""
 
     target: TransferTarget
     allowed_dst_ids: frozenset[int]
+    lane: _Lane
     flushed: bool = False  # set by flush(): no more send_layer
     aborted: bool = False  # set by abort(), from any thread
     stream: ChunkStream | None = None
@@ -150,22 +164,34 @@ class StreamingKVSender(KVSender):
         self._blocks_per_chunk = max(1, config.chunk_bytes // self.layout.block_nbytes)
         self._opener = opener
         self._pack_fn = pack_fn or pack_fns(kv_caches[0].device)[0]
-        # One chunk's packed blocks, reused for every chunk (only the sender thread touches
-        # it); staged through pinned host memory when the cache is on a GPU.
-        device = kv_caches[0].device
-        staging_shape = self.layout.packed_shape(0 if opener.one_sided else self._blocks_per_chunk)
-        self._staging = torch.empty(staging_shape, dtype=self.layout.torch_dtype, device=device)
-        self._host_staging = None
-        if device.type != "cpu" and not opener.one_sided:
-            self._host_staging = torch.empty(
-                staging_shape, dtype=self.layout.torch_dtype, pin_memory=True
-            )
         self._lock = threading.Lock()
         self._requests: dict[str, _Outgoing] = {}
-        self._jobs: queue.SimpleQueue[_LayerJob | _FlushJob | None] = queue.SimpleQueue()
+        self._lanes: dict[str, _Lane] = {}  # decode worker address -> its lane
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="kv-sender", daemon=True)
-        self._thread.start()
+
+    def _lane(self, address: str) -> _Lane:
+        """The lane of one decode worker, started on its first request (under the lock)."""
+        lane = self._lanes.get(address)
+        if lane is None:
+            device = self._kv_caches[0].device
+            one_sided = self._opener.one_sided  # writes from the cache itself: no staging
+            staging_shape = self.layout.packed_shape(0 if one_sided else self._blocks_per_chunk)
+            # One chunk's packed blocks, reused for every chunk (only the lane's thread
+            # touches it); staged through pinned host memory when the cache is on a GPU.
+            lane = _Lane(
+                staging=torch.empty(staging_shape, dtype=self.layout.torch_dtype, device=device),
+                host_staging=(
+                    torch.empty(staging_shape, dtype=self.layout.torch_dtype, pin_memory=True)
+                    if device.type != "cpu" and not one_sided
+                    else None
+                ),
+            )
+            lane.thread = threading.Thread(
+                target=self._run, args=(lane,), name=f"kv-sender-{address}", daemon=True
+            )
+            lane.thread.start()
+            self._lanes[address] = lane
+        return lane
 
     def connect(self, receiver: ReceiverInfo) -> None:
         self._check_peer(receiver.transport, receiver.layout_signature, receiver.address)
@@ -192,7 +218,8 @@ class StreamingKVSender(KVSender):
                 raise RuntimeError("KV sender is closed")
             if target.request_id in self._requests:
                 raise ValueError(f"transfer of request {target.request_id!r} already begun")
-            self._requests[target.request_id] = _Outgoing(target, frozenset(target.block_ids))
+            lane = self._lane(target.address)
+            self._requests[target.request_id] = _Outgoing(target, frozenset(target.block_ids), lane)
 
     def send_layer(
         self,
@@ -222,7 +249,7 @@ class StreamingKVSender(KVSender):
         if outgoing.enqueued_at is None:
             outgoing.enqueued_at = time.monotonic()
         job = _LayerJob(outgoing, layer, tuple(src_block_ids), tuple(dst_block_ids), ready)
-        self._jobs.put(job)
+        outgoing.lane.jobs.put(job)
 
     def flush(self, request_id: str) -> Future[TransferResult]:
         future: Future[TransferResult] = Future()
@@ -232,7 +259,7 @@ class StreamingKVSender(KVSender):
                 outgoing.flushed = True
                 # Stays registered (so abort reaches it) until the receiver answered.
                 future.add_done_callback(lambda _: self._forget(outgoing))
-                self._jobs.put(_FlushJob(outgoing, future))
+                outgoing.lane.jobs.put(_FlushJob(outgoing, future))
                 return future
         future.set_exception(_not_in_progress(request_id))
         return future
@@ -247,10 +274,14 @@ class StreamingKVSender(KVSender):
         with self._lock:
             self._closed = True
             outgoing, self._requests = list(self._requests.values()), {}
+            lanes = list(self._lanes.values())
         for each in outgoing:
             _abort(each)
-        self._jobs.put(None)
-        self._thread.join()
+        for lane in lanes:
+            lane.jobs.put(None)
+        for lane in lanes:
+            assert lane.thread is not None
+            lane.thread.join()
         self._opener.close()
 
     def _outgoing(self, request_id: str) -> _Outgoing:
@@ -265,8 +296,8 @@ class StreamingKVSender(KVSender):
             if self._requests.get(outgoing.target.request_id) is outgoing:
                 del self._requests[outgoing.target.request_id]
 
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
+    def _run(self, lane: _Lane) -> None:
+        while (job := lane.jobs.get()) is not None:
             outgoing = job.outgoing
             try:
                 if isinstance(job, _FlushJob):
@@ -274,14 +305,14 @@ class StreamingKVSender(KVSender):
                 elif not outgoing.aborted and outgoing.error is None:
                     if outgoing.started_at is None:
                         outgoing.started_at = time.monotonic()
-                    self._send(job)
+                    self._send(job, lane)
             except BaseException as error:  # kept for the flush future, never dropped
                 logger.warning("KV transfer of %s failed: %r", outgoing.target.request_id, error)
                 outgoing.error = error
                 if outgoing.stream is not None:
                     outgoing.stream.cancel()
 
-    def _send(self, job: _LayerJob) -> None:
+    def _send(self, job: _LayerJob, lane: _Lane) -> None:
         outgoing, target = job.outgoing, job.outgoing.target
         if job.ready is not None:
             job.ready.synchronize()
@@ -292,9 +323,9 @@ class StreamingKVSender(KVSender):
         for start in range(0, len(job.dst_block_ids), self._blocks_per_chunk):
             src_ids = job.src_block_ids[start : start + self._blocks_per_chunk]
             ids = torch.tensor(src_ids, dtype=torch.int64, device=kv_layer.device)
-            packed = self._pack_fn(kv_layer, ids, self._staging[: len(src_ids)])
-            if self._host_staging is not None:
-                packed = self._host_staging[: len(src_ids)].copy_(packed)
+            packed = self._pack_fn(kv_layer, ids, lane.staging[: len(src_ids)])
+            if lane.host_staging is not None:
+                packed = lane.host_staging[: len(src_ids)].copy_(packed)
             payload = payload_bytes(packed)  # [n, 2, block_size, H, D] as bytes
             chunk = KVChunk(
                 request_id=target.request_id,

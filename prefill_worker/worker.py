@@ -20,45 +20,59 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from engine.scheduler_output import ScheduledSequence, SchedulerOutput, TokenLogprobs
+from engine.scheduler_output import ScheduledSequence, SchedulerOutput
+from engine.wire import PrefillResult, TransferStats
 from engine.worker import EngineWorker
-from kv_transfer.base import (
-    KVTransferConfig,
-    ReceiverInfo,
-    TransferBreakdown,
-    TransferResult,
-    TransferTarget,
-)
+from kv_transfer.base import KVTransferConfig, ReceiverInfo, TransferResult, TransferTarget
 from kv_transfer.transport import get_transport
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class PrefillResult:
-    """Set by ``PrefillWorker.prefill``: the first token, sampled before the KV has landed."""
+class StepBlockPlan:
+    """What one engine step sends for one request, at every layer. Set by
+    ``plan_step_blocks``."""
 
-    request_id: str
-    first_token_id: int
-    first_logprobs: TokenLogprobs | None
-    num_prompt_tokens: int
-    num_cached_tokens: int  # prompt tokens this worker served from its own prefix cache
+    src_block_ids: list[int]  # blocks here, complete after this step and not sent before
+    dst_block_ids: list[int]  # the decode worker's blocks they go to, in the same order
+    next_block: int  # prompt block index of the first block still unsent after this step
+    pin_block_ids: list[int] | None  # on the last chunk: blocks to keep until acknowledged
 
 
-@dataclass(frozen=True)
-class TransferStats:
-    """Set when a request's KV transfer is acknowledged."""
+def plan_step_blocks(
+    block_ids: Sequence[int],
+    target_block_ids: Sequence[int],
+    num_skip_blocks: int,
+    next_block: int,
+    num_tokens: int,
+    is_last_chunk: bool,
+    block_size: int,
+) -> StepBlockPlan:
+    """Which blocks become complete in a step: the full ones, and on the last chunk the
+    prompt's partial tail too.
 
-    request_id: str
-    num_bytes: int
-    seconds: float  # from the first layer handed to the sender to the acknowledgement
-    breakdown: TransferBreakdown | None = None  # queue wait, first/last byte, verify
+    ``block_ids``: the request's block table here; ``target_block_ids``: the decode worker's
+    blocks for prompt blocks ``num_skip_blocks`` onwards (the leading ones it already caches
+    are never sent); ``next_block``: the first prompt block not sent yet; ``num_tokens``:
+    the request's computed tokens once this step is done.
+    """
+    end = -(-num_tokens // block_size) if is_last_chunk else num_tokens // block_size
+    start = next_block
+    skip = num_skip_blocks
+    return StepBlockPlan(
+        src_block_ids=list(block_ids[start:end]),
+        dst_block_ids=list(target_block_ids[start - skip : end - skip]),
+        next_block=max(start, end),
+        pin_block_ids=list(block_ids[skip:end]) if is_last_chunk else None,
+    )
 
 
 @dataclass
@@ -84,9 +98,9 @@ class PrefillWorker(EngineWorker):
         super().__init__(worker_id, engine_config)
         self.kv_config = kv_config
         self.sender = get_transport(kv_config.transport).create_sender(
-            self.engine.runner.kv_caches, kv_config
+            self.engine.kv_caches, kv_config
         )
-        self.num_layers = self.engine.runner.geometry.num_layers
+        self.num_layers = len(self.engine.kv_caches)
         self._transfers: dict[str, _Transfer] = {}  # loop thread only
         self._results: dict[str, Future[TransferStats]] = {}
         self.loop.start()
@@ -176,23 +190,25 @@ class PrefillWorker(EngineWorker):
                 self._finish_transfer(seq.request_id, transfer)
 
     def _plan_step(self, transfer: _Transfer, seq: ScheduledSequence) -> None:
-        """Which blocks become complete in this step: full ones, and the tail at the end."""
         if not transfer.started:
             transfer.started = time.monotonic()
-        num_tokens = seq.start_position + seq.num_tokens
-        end = -(-num_tokens // self.block_size) if seq.sample else num_tokens // self.block_size
-        start = transfer.next_block
-        skip = transfer.num_skip_blocks
-        transfer.step_blocks = (
-            seq.block_ids[start:end],
-            list(transfer.target.block_ids[start - skip : end - skip]),
+        block_ids = self.engine.block_ids(seq.request_id)
+        plan = plan_step_blocks(
+            block_ids,
+            transfer.target.block_ids,
+            transfer.num_skip_blocks,
+            transfer.next_block,
+            seq.start_position + seq.num_tokens,
+            seq.sample,
+            self.block_size,
         )
-        transfer.next_block = max(start, end)
-        transfer.num_blocks_sent += max(0, end - start)
-        if seq.sample:
+        transfer.step_blocks = (plan.src_block_ids, plan.dst_block_ids)
+        transfer.next_block = plan.next_block
+        transfer.num_blocks_sent += len(plan.src_block_ids)
+        if plan.pin_block_ids is not None:
             # The request ends with this step, but the sender still reads its blocks.
-            transfer.pinned = list(seq.block_ids[skip:end])
-            self.engine.scheduler.kv_cache_manager.pin(transfer.pinned)
+            transfer.pinned = plan.pin_block_ids
+            self.engine.pin_blocks(transfer.pinned)
 
     def _finish_transfer(self, request_id: str, transfer: _Transfer) -> None:
         del self._transfers[request_id]
@@ -200,7 +216,7 @@ class PrefillWorker(EngineWorker):
         num_bytes = transfer.num_blocks_sent * self.sender.layout.block_nbytes * self.num_layers
 
         def on_flushed(done: Future[TransferResult]) -> None:
-            self.loop.call(lambda e: e.scheduler.kv_cache_manager.unpin(transfer.pinned))
+            self.loop.call(lambda e: e.unpin_blocks(transfer.pinned))
             result = self._results.get(request_id)
             if result is None or result.done():
                 return
@@ -218,7 +234,7 @@ class PrefillWorker(EngineWorker):
     def _drop_transfer(self, engine: LLMEngine, request_id: str) -> None:
         transfer = self._transfers.pop(request_id, None)
         if transfer is not None and transfer.pinned:
-            engine.scheduler.kv_cache_manager.unpin(transfer.pinned)
+            engine.unpin_blocks(transfer.pinned)
 
     def shutdown(self) -> None:
         super().shutdown()

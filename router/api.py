@@ -292,13 +292,13 @@ def build_app(
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return JSONResponse(response.model_dump())
 
-    async def _sse(chunks: AsyncIterator[BaseModel], endpoint: str) -> AsyncIterator[str]:
+    async def _sse(chunks: AsyncIterator[str], endpoint: str) -> AsyncIterator[str]:
         status = CLIENT_CLOSED_REQUEST  # unless the stream runs to its end
         try:
             async with contextlib.aclosing(chunks):
                 try:
                     async for chunk in chunks:
-                        yield f"data: {chunk.model_dump_json()}\n\n"
+                        yield f"data: {chunk}\n\n"
                     status = 200
                 except Exception as error:
                     api_error = to_api_error(error, config.retry_after_s)

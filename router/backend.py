@@ -6,9 +6,11 @@ consumes the ``RequestDelta`` stream that ``generate`` yields, until a delta car
 ``finish_reason``. Backends: disaggregated (a prefill worker + a decode worker on Ray) or
 colocated (one engine). Workers never see text.
 
-Lifecycle: the app calls ``start()`` on startup and ``shutdown()`` on shutdown. The API layer
-calls ``abort(request_id)`` when the client disconnects, when a stop string ends the request
-early, or when the request times out; aborting an unknown or finished request is a no-op.
+Lifecycle: the app calls ``start()`` on startup and ``shutdown()`` on shutdown. A request
+ends early (client disconnect, a stop string, the request timeout) by closing or cancelling
+the ``generate`` stream: the backend's request scope (the stream's ``finally``) then aborts it
+on its workers, the one abort owner on the router side. ``abort(request_id)`` does the same
+from outside the stream; aborting an unknown or finished request is a no-op.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The cluster manager: creates, health-checks and replaces the prefill and decode workers.
 
-Two modes, one interface (``prefill`` / ``decode`` lists of ``WorkerHandle``):
+Two modes, one interface (``prefill`` / ``decode`` lists of ``WorkerClient``):
 
 - **Ray** (default): starts local Ray, or attaches to ``--address``, and creates each worker
   as an actor placed by role: ``--prefill-resources`` / ``--decode-resources`` (Ray custom
@@ -28,7 +28,7 @@ from decode_worker.worker import DecodeWorker
 from engine.config import EngineConfig
 from kv_transfer.base import KVTransferConfig
 from prefill_worker.worker import PrefillWorker
-from router.backends.handles import InProcessHandle, RayHandle, WorkerHandle
+from router.backends.clients import InProcessClient, RayClient, WorkerClient
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +91,11 @@ class ClusterConfig:
 class Cluster:
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
-        self.prefill: list[WorkerHandle] = []
-        self.decode: list[WorkerHandle] = []
+        self.prefill: list[WorkerClient] = []
+        self.decode: list[WorkerClient] = []
         self._started_ray = False
 
-    def worker(self, worker_id: str) -> WorkerHandle:
+    def worker(self, worker_id: str) -> WorkerClient:
         for handle in self.prefill + self.decode:
             if handle.worker_id == worker_id:
                 return handle
@@ -153,11 +153,11 @@ class Cluster:
             signal.signal(signal.SIGTERM, sigterm_handler)
         self._started_ray = True
 
-    async def _create(self, role: str, worker_id: str) -> WorkerHandle:
+    async def _create(self, role: str, worker_id: str) -> WorkerClient:
         config = self.config
         if config.runs_in_process:
             worker = await asyncio.to_thread(self._make_worker, role, worker_id)
-            return InProcessHandle(worker)
+            return InProcessClient(worker)
         import ray
 
         options: dict[str, Any] = {
@@ -173,8 +173,8 @@ class Cluster:
             options["accelerator_type"] = accelerator
         cls = PrefillWorker if role == "prefill" else DecodeWorker
         actor = ray.remote(cls).options(**options).remote(*self._worker_args(role, worker_id))
-        handle = RayHandle(actor, worker_id, role)
-        await asyncio.wait_for(handle.call("check_health"), config.startup_timeout_s)
+        handle = RayClient(actor, worker_id, role)
+        await asyncio.wait_for(handle.check_health(), config.startup_timeout_s)
         return handle
 
     def _worker_args(self, role: str, worker_id: str) -> tuple:
@@ -209,9 +209,9 @@ class Cluster:
     async def health(self, timeout_s: float = 10.0) -> dict[str, bool]:
         handles = self.prefill + self.decode
 
-        async def probe(handle: WorkerHandle) -> bool:
+        async def probe(handle: WorkerClient) -> bool:
             try:
-                return bool(await asyncio.wait_for(handle.call("check_health"), timeout_s))
+                return bool(await asyncio.wait_for(handle.check_health(), timeout_s))
             except Exception as error:
                 logger.warning("%s failed its health check: %s", handle.worker_id, error)
                 return False
@@ -240,8 +240,8 @@ class Cluster:
                     await self._pair_kv(self.prefill, [group[i]])
         return replaced
 
-    async def _pair_kv(self, prefill: list[WorkerHandle], decode: list[WorkerHandle]) -> None:
+    async def _pair_kv(self, prefill: list[WorkerClient], decode: list[WorkerClient]) -> None:
         """KV transport handshake of every prefill worker with every decode worker, before
         any request (NIXL: agent metadata exchange; a layout mismatch fails here)."""
-        infos = await asyncio.gather(*(d.call("kv_receiver_info") for d in decode))
-        await asyncio.gather(*(p.call("connect_kv", info) for p in prefill for info in infos))
+        infos = await asyncio.gather(*(d.kv_receiver_info() for d in decode))
+        await asyncio.gather(*(p.connect_kv(info) for p in prefill for info in infos))

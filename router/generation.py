@@ -1,13 +1,13 @@
 """Driving a backend for one HTTP request: fan out ``n`` sequences, detokenize, stop, abort.
 
-Every sequence of a request (``n`` per prompt) is one ``GenerateRequest`` to the backend,
-consumed by its own task; the tasks feed one queue that ``stream_sequences`` yields from as
-``SequenceUpdate``s, in arrival order. A sequence ends when the backend finishes it, when a
-stop string appears in its text, or when it is aborted. The backend request is aborted
-(``backend.abort``) whenever a sequence ends before the backend finished it: a stop string,
-the client going away (the consumer is cancelled or closed), the request timeout, or an
-error in a sibling sequence. A backend "abort" finish (a worker died) is an error, never a
-successful answer.
+Every sequence of a request (``n`` per prompt) is one ``GenerateRequest`` to the backend.
+One sequence is read directly; several are consumed by one task each, feeding one queue
+that ``stream_sequences`` yields from as ``SequenceUpdate``s, in arrival order. A sequence
+ends when the backend finishes it, when a stop string appears in its text, or when it is
+cut short. Cutting it short (a stop string, the client going away: the consumer is
+cancelled or closed, the request timeout, an error in a sibling sequence) closes the
+backend's stream, and the backend's request scope aborts it on the workers. A backend
+"abort" finish (a worker died) is an error, never a successful answer.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from engine.detokenizer import OutputText
 from engine.outputs import RequestDelta
 from engine.request import FinishReason
 from engine.scheduler_output import TokenLogprobs
@@ -50,7 +50,7 @@ class SequenceUpdate:
     token_ids: list[int]
     logprobs: list[TokenLogprobs] | None
     finish_reason: str | None
-    stop_reason: str | None  # the stop string that ended it
+    stop_reason: int | str | None  # the stop string or stop token id that ended it
     num_prompt_tokens: int
     num_cached_tokens: int
 
@@ -66,8 +66,7 @@ class _Sequence:
         params = request.sampling_params
         self.index = index
         self.request = request
-        self.detokenizer = IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
-        self.stop_matcher = StopStringMatcher(params.stop, params.include_stop_str_in_output)
+        self.output_text = OutputText(tokenizer, params)
         self.num_output_tokens = 0
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_cached_tokens = 0
@@ -84,20 +83,14 @@ class _Sequence:
         self.num_output_tokens += len(delta.new_token_ids)
         self.num_prompt_tokens = delta.num_prompt_tokens
         self.num_cached_tokens = delta.num_cached_tokens
-        text = self.detokenizer.add_tokens(delta.new_token_ids)
-        if delta.finished:
-            text += self.detokenizer.finish()
-        match = self.stop_matcher.feed(text, final=delta.finished)
-        finish_reason = "stop" if match.stop is not None else None
-        if finish_reason is None and delta.finish_reason is not None:
-            finish_reason = delta.finish_reason.value
+        text = self.output_text.add(delta)
         return SequenceUpdate(
             index=self.index,
-            text=match.text,
+            text=text.text,
             token_ids=list(delta.new_token_ids),
             logprobs=delta.new_logprobs,
-            finish_reason=finish_reason,
-            stop_reason=match.stop,
+            finish_reason=text.finish_reason,
+            stop_reason=text.stop_reason,
             num_prompt_tokens=self.num_prompt_tokens,
             num_cached_tokens=self.num_cached_tokens,
         )
@@ -113,39 +106,65 @@ class _Sequence:
         )
 
 
-async def _run_sequence(
-    backend: ServingBackend,
-    sequence: _Sequence,
-    queue: asyncio.Queue[SequenceUpdate | Exception],
-    metrics: RouterMetrics,
-) -> None:
-    """Feed one sequence's updates into ``queue``; abort the backend request if cut short."""
+async def _sequence_updates(
+    backend: ServingBackend, sequence: _Sequence, metrics: RouterMetrics
+) -> AsyncIterator[SequenceUpdate]:
+    """One sequence's updates, until it finishes. Ending it early (a stop string, the
+    consumer closing or cancelling, an error) closes the backend's stream, whose scope
+    aborts the request on its workers: the one abort owner on the router side."""
     request_id = sequence.request.request_id
-    backend_finished = False
     finish_reason = "error"  # replaced when the sequence ends normally
     try:
         async with contextlib.aclosing(backend.generate(sequence.request)) as deltas:
             async for delta in deltas:
-                backend_finished = delta.finished
                 if delta.finish_reason is FinishReason.ABORT:
                     finish_reason = "abort"
                     raise SequenceAbortedError(f"request {request_id} was aborted by its worker")
                 update = sequence.absorb(delta, metrics)
-                await queue.put(update)
                 if update.finish_reason is not None:
                     finish_reason = update.finish_reason
+                    yield update
                     return
+                yield update
         raise BackendError(f"the backend ended request {request_id} without finishing it")
-    except asyncio.CancelledError:
-        finish_reason = "cancelled"
+    except (asyncio.CancelledError, GeneratorExit):
+        if finish_reason == "error":
+            finish_reason = "cancelled"
         raise
-    except Exception as error:  # raised to the consumer by stream_sequences
-        await queue.put(error)
     finally:
         sequence.finish(finish_reason, metrics)
-        if not backend_finished:
-            # Shielded: the consumer may cancel this task while the abort is on its way.
-            await asyncio.shield(backend.abort(request_id))
+
+
+async def _merged(sources: list[AsyncIterator[SequenceUpdate]]) -> AsyncIterator[SequenceUpdate]:
+    """Several sequences' updates in arrival order (``n`` > 1, or several prompts): one task
+    per sequence feeds one queue. The first error is raised; leaving early cancels the
+    unfinished sequences (each then closes its backend stream)."""
+    queue: asyncio.Queue[SequenceUpdate | Exception] = asyncio.Queue()
+
+    async def pump(source: AsyncIterator[SequenceUpdate]) -> None:
+        try:
+            async with contextlib.aclosing(source):  # type: ignore[type-var]
+                async for update in source:
+                    queue.put_nowait(update)
+        except Exception as error:  # raised to the consumer below
+            queue.put_nowait(error)
+
+    tasks = [asyncio.create_task(pump(source)) for source in sources]
+    num_unfinished = len(tasks)
+    try:
+        while num_unfinished:
+            item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item.finished:
+                num_unfinished -= 1
+            yield item
+    finally:
+        for task in tasks:
+            if not task.done():  # cut short: cancelled; held until its abort went out
+                task.cancel()
+                _background_tasks.add(task)
+                task.add_done_callback(_background_tasks.discard)
 
 
 async def stream_sequences(
@@ -157,36 +176,26 @@ async def stream_sequences(
 ) -> AsyncIterator[SequenceUpdate]:
     """Run ``requests`` concurrently (``requests[i]`` is choice ``i``) and yield their updates.
 
-    Raises the first error of any sequence, or ``RequestTimeoutError``; either way, and when
-    the caller stops early, every unfinished backend request is aborted.
+    One sequence (the common case) is read directly: no task, no queue between the
+    backend's stream and the caller. Raises the first error of any sequence, or
+    ``RequestTimeoutError``; either way, and when the caller stops early, every unfinished
+    backend request is aborted.
     """
-    queue: asyncio.Queue[SequenceUpdate | Exception] = asyncio.Queue()
-    tasks = [
-        asyncio.create_task(
-            _run_sequence(backend, _Sequence(i, request, tokenizer), queue, metrics)
-        )
+    sources = [
+        _sequence_updates(backend, _Sequence(i, request, tokenizer), metrics)
         for i, request in enumerate(requests)
     ]
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    num_unfinished = len(tasks)
-    try:
-        while num_unfinished:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+    updates = sources[0] if len(sources) == 1 else _merged(sources)
+    deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+    async with contextlib.aclosing(updates):  # type: ignore[type-var]
+        while True:
             try:
-                item = await asyncio.wait_for(queue.get(), remaining)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout_at(deadline):  # around the wait, not the yield
+                    update = await anext(updates)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
                 raise RequestTimeoutError(
                     f"the request did not finish within {timeout_s} seconds"
                 ) from None
-            if isinstance(item, Exception):
-                raise item
-            if item.finished:
-                num_unfinished -= 1
-            yield item
-    finally:
-        for task in tasks:
-            if not task.done():  # cut short (cancelled below), or finishing its abort
-                if num_unfinished:
-                    task.cancel()
-                _background_tasks.add(task)
-                task.add_done_callback(_background_tasks.discard)
+            yield update

@@ -21,7 +21,7 @@ from prometheus_client import (
 )
 
 if TYPE_CHECKING:
-    from kv_transfer.base import TransferBreakdown
+    from engine.wire import TransferBreakdown
 
 # Seconds. TTFT spans a cached short prompt on an idle GPU to a long prompt behind a queue.
 TTFT_BUCKETS = (

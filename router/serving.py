@@ -10,6 +10,7 @@ tokens are those of the prompt's first sequence.
 from __future__ import annotations
 
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -43,6 +44,7 @@ from router.protocol import (
 )
 
 AnyRequest = CompletionRequest | ChatCompletionRequest
+_PLACEHOLDER = "\ue000pdserve-text\ue000"  # a private-use character: never in real text
 
 
 class _Choice:
@@ -54,7 +56,7 @@ class _Choice:
         self.logprobs: list[TokenLogprobs] = []
         self.text_offset = 0  # completions logprobs: offset of the next token in the text
         self.finish_reason: str | None = None
-        self.stop_reason: str | None = None
+        self.stop_reason: int | str | None = None
         self.num_prompt_tokens = 0
         self.num_cached_tokens = 0
 
@@ -179,8 +181,13 @@ class OpenAIServing:
 
     async def stream(
         self, request: AnyRequest, model: str, requests: list[GenerateRequest]
-    ) -> AsyncIterator[CompletionStreamResponse | ChatCompletionStreamResponse]:
-        """The stream's chunks; the caller encodes them as SSE and appends ``[DONE]``."""
+    ) -> AsyncIterator[str]:
+        """The stream's chunks as JSON; the caller frames them as SSE and appends ``[DONE]``.
+
+        A chunk that only carries text (nearly all of them) is the choice's template with
+        the text spliced in: the template is the chunk model's own JSON, rendered once per
+        choice with a placeholder, so the bytes are what ``model_dump_json`` would write.
+        """
         response_id = requests[0].request_id.rsplit("-", 1)[0]
         is_chat = isinstance(request, ChatCompletionRequest)
         chunk_type: Any = ChatCompletionStreamResponse if is_chat else CompletionStreamResponse
@@ -189,17 +196,39 @@ class OpenAIServing:
             for index in range(len(requests)):
                 delta = DeltaMessage(role="assistant", content="")
                 opening = ChatStreamChoice(index=index, delta=delta)
-                yield chunk_type(id=response_id, model=model, choices=[opening])
+                yield chunk_type(id=response_id, model=model, choices=[opening]).model_dump_json()
+        templates: dict[int, tuple[str, str]] = {}
         async with contextlib.aclosing(self._updates(requests)) as updates:
             async for update in updates:
                 choice = choices[update.index]
                 choice.add(update)
-                if update.text or update.finished or update.logprobs:
+                if update.finished or update.logprobs:
                     stream_choice = self._stream_choice(request, choice, update)
-                    yield chunk_type(id=response_id, model=model, choices=[stream_choice])
+                    chunk = chunk_type(id=response_id, model=model, choices=[stream_choice])
+                    yield chunk.model_dump_json()
+                elif update.text:
+                    template = templates.get(update.index)
+                    if template is None:
+                        template = templates[update.index] = self._text_chunk_template(
+                            request, chunk_type, response_id, model, update.index
+                        )
+                    yield template[0] + json.dumps(update.text, ensure_ascii=False) + template[1]
         if request.include_usage_in_stream:
             usage = self._usage(choices, request.n)
-            yield chunk_type(id=response_id, model=model, choices=[], usage=usage)
+            yield chunk_type(id=response_id, model=model, choices=[], usage=usage).model_dump_json()
+
+    def _text_chunk_template(
+        self, request: AnyRequest, chunk_type: Any, response_id: str, model: str, index: int
+    ) -> tuple[str, str]:
+        """The JSON of a text-only chunk of choice ``index``, split around its text."""
+        update = SequenceUpdate(index, _PLACEHOLDER, [], None, None, None, 0, 0)
+        stream_choice = self._stream_choice(request, _Choice(), update)
+        rendered = chunk_type(id=response_id, model=model, choices=[stream_choice])
+        before, placeholder, after = rendered.model_dump_json().partition(
+            json.dumps(_PLACEHOLDER, ensure_ascii=False)
+        )
+        assert placeholder, "the placeholder must appear in the chunk"
+        return before, after
 
     def _stream_choice(
         self, request: AnyRequest, choice: _Choice, update: SequenceUpdate

@@ -25,16 +25,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from decode_worker.worker import NoCapacityError
 from engine.outputs import RequestDelta
-from engine.worker import WorkerInfo, WorkerStats
+from engine.wire import NoCapacityError, Reservation, WorkerInfo, WorkerStats
 from router.backend import (
     AdmissionError,
     BackendUnavailableError,
     GenerateRequest,
     InvalidRequestError,
 )
-from router.backends.handles import WorkerDiedError, WorkerHandle
+from router.backends.clients import WorkerClient, WorkerDiedError
 from router.cluster import Cluster
 from router.metrics import RouterMetrics
 from router.policy import (
@@ -71,8 +70,8 @@ class BackendConfig:
 
 @dataclass
 class _InFlight:
-    decode: WorkerHandle
-    prefill: WorkerHandle | None
+    decode: WorkerClient
+    prefill: WorkerClient | None
     prefilling: bool = True  # False once P returned the first token: P's queue is free of it
 
 
@@ -99,7 +98,7 @@ class ClusterBackend:
 
     async def start(self) -> None:
         await self.cluster.start()
-        self.info = await self.cluster.decode[0].call("info")
+        self.info = await self.cluster.decode[0].info()
         self.max_model_len = self.info.max_model_len
         self.policy = PairingPolicy(
             PolicyConfig(
@@ -145,8 +144,8 @@ class ClusterBackend:
         finished = False
         try:
             if prefill is None:
-                stream = decode.stream(
-                    "generate_local", request_id, request.prompt_token_ids, request.sampling_params
+                stream = decode.generate(
+                    request_id, request.prompt_token_ids, request.sampling_params
                 )
             else:
                 stream = self._remote(request, decode, prefill)
@@ -157,16 +156,16 @@ class ClusterBackend:
             raise _as_backend_error(error) from error
         finally:
             self._inflight.pop(request_id, None)
-            if not finished:
-                await asyncio.shield(self._abort_on(request_id, decode, prefill))
+            if not finished:  # the one abort owner: this request's scope
+                # Shielded and held: the caller may be cancelled while the abort is on its way.
+                await asyncio.shield(self._spawn(self._abort_on(request_id, decode, prefill)))
 
     async def _remote(
-        self, request: GenerateRequest, decode: WorkerHandle, prefill: WorkerHandle
+        self, request: GenerateRequest, decode: WorkerClient, prefill: WorkerClient
     ) -> AsyncIterator[RequestDelta]:
         request_id = request.request_id
         reservation = await self._reserve(request, decode)
-        result = await prefill.call(
-            "prefill",
+        result = await prefill.prefill(
             request_id,
             request.prompt_token_ids,
             request.sampling_params,
@@ -185,17 +184,17 @@ class ClusterBackend:
             num_prompt_tokens=result.num_prompt_tokens,
             num_cached_tokens=result.num_cached_tokens,
         )
-        async for delta in decode.stream("decode", request_id, result.first_token_id):
+        async for delta in decode.decode(request_id, result.first_token_id):
             # Cached tokens are the prefill worker's: the prompt tokens it did not recompute.
             yield dataclasses.replace(delta, num_cached_tokens=result.num_cached_tokens)
 
-    async def _reserve(self, request: GenerateRequest, decode: WorkerHandle) -> Any:
+    async def _reserve(self, request: GenerateRequest, decode: WorkerClient) -> Reservation:
         deadline = time.monotonic() + self.config.admission_timeout_s
         delay = 0.01
         while True:
             try:
-                return await decode.call(
-                    "reserve", request.request_id, request.prompt_token_ids, request.sampling_params
+                return await decode.reserve(
+                    request.request_id, request.prompt_token_ids, request.sampling_params
                 )
             except NoCapacityError as error:
                 if time.monotonic() + delay > deadline:
@@ -206,9 +205,9 @@ class ClusterBackend:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
 
-    async def _observe_transfer(self, prefill: WorkerHandle, request_id: str) -> None:
+    async def _observe_transfer(self, prefill: WorkerClient, request_id: str) -> None:
         try:
-            stats = await prefill.call("wait_transfer", request_id, None)
+            stats = await prefill.wait_transfer(request_id, None)
         except Exception as error:
             logger.debug("transfer of %s not observed: %s", request_id, error)
             return
@@ -235,20 +234,21 @@ class ClusterBackend:
             await self._abort_on(request_id, inflight.decode, inflight.prefill)
 
     async def _abort_on(
-        self, request_id: str, decode: WorkerHandle, prefill: WorkerHandle | None
+        self, request_id: str, decode: WorkerClient, prefill: WorkerClient | None
     ) -> None:
         for worker in (prefill, decode):
             if worker is None:
                 continue
             try:
-                await worker.call("abort", request_id)
+                await worker.abort(request_id)
             except Exception as error:
                 logger.warning("abort of %s on %s failed: %s", request_id, worker.worker_id, error)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     # -- policy input, health ----------------------------------------------------------
 
@@ -298,7 +298,7 @@ class ClusterBackend:
 
     async def refresh_stats(self) -> None:
         workers = self.cluster.prefill + self.cluster.decode
-        results = await asyncio.gather(*(w.call("stats") for w in workers), return_exceptions=True)
+        results = await asyncio.gather(*(w.stats() for w in workers), return_exceptions=True)
         for worker, stats in zip(workers, results):
             if isinstance(stats, BaseException):
                 self._stats.pop(worker.worker_id, None)

@@ -12,6 +12,7 @@ from decode_worker.worker import DecodeWorker, KVTransferFailedError, NoCapacity
 from engine.arg_utils import engine_config_from_kwargs
 from engine.sampling_params import SamplingParams
 from kv_transfer.base import KVTransferConfig
+from router.backends.clients import InProcessClient
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=4)
 NUM_BLOCKS = 8  # of 16 tokens
@@ -40,8 +41,8 @@ def test_an_unused_reservation_expires_and_frees_its_blocks(worker: DecodeWorker
             await asyncio.sleep(0.05)
         assert (await worker.stats()).num_free_blocks == baseline
         # A decode that comes too late is refused, not served from freed blocks.
-        with pytest.raises(KVTransferFailedError):
-            async for _ in worker.decode("r", first_token_id=7, timeout_s=1):
+        with pytest.raises(KVTransferFailedError, match="no reservation"):
+            async for _ in InProcessClient(worker).decode("r", first_token_id=7):
                 pass
 
     asyncio.run(main())
@@ -56,5 +57,24 @@ def test_no_room_is_refused_and_keeps_nothing(worker: DecodeWorker) -> None:
         assert (stats.num_reserved, stats.num_free_blocks) == (1, NUM_BLOCKS - 6)
         await worker.abort("a")
         assert (await worker.stats()).num_free_blocks == NUM_BLOCKS
+
+    asyncio.run(main())
+
+
+def test_a_decode_waiting_for_kv_that_never_comes_fails_when_the_lease_ends(
+    worker: DecodeWorker,
+) -> None:
+    """The lease bounds the wait: the receiver's future resolves with the expiry."""
+
+    async def main() -> None:
+        baseline = (await worker.stats()).num_free_blocks
+        await worker.reserve("w", list(range(5, 45)), PARAMS)
+        started = time.monotonic()
+        with pytest.raises(KVTransferFailedError, match="dropped"):
+            async for _ in InProcessClient(worker).decode("w", first_token_id=7):
+                pass
+        assert time.monotonic() - started < 5
+        stats = await worker.stats()
+        assert (stats.num_reserved, stats.num_free_blocks) == (0, baseline)
 
     asyncio.run(main())

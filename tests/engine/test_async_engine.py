@@ -51,9 +51,7 @@ def test_abort_ends_the_stream_and_frees_blocks(loop_engine: AsyncEngine) -> Non
 
     async def main() -> list:
         deltas = []
-        stream = loop_engine.open_stream("a")
-        await asyncio.wrap_future(loop_engine.call(lambda e: e.add_request("a", PROMPTS[1], long)))
-        async for delta in loop_engine.stream_deltas("a", stream):
+        async for delta in loop_engine.generate("a", PROMPTS[1], long):
             deltas.append(delta)
             if len(deltas) == 3:
                 await loop_engine.abort("a")

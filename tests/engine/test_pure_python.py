@@ -1,4 +1,9 @@
-"""The bookkeeping modules never import torch: the router imports them on CPU-only hosts."""
+"""The bookkeeping modules, the wire types and the router's request path never import torch.
+
+What still brings torch into a router process: ``transformers`` (the tokenizer; it imports
+torch when installed), ``kv_transfer/__init__`` (eager imports; ``KVTransferConfig`` is a
+router flag) and the worker classes ``router.cluster`` hands to Ray or runs in-process.
+"""
 
 import subprocess
 import sys
@@ -12,10 +17,20 @@ PURE_MODULES = [
     "engine.request",
     "engine.sampling_params",
     "engine.scheduler_output",
+    "engine.outputs",
+    "engine.detokenizer",
+    # What the router needs to talk to workers: the wire types and the typed clients.
+    "engine.wire",
+    "router.backends.clients",
+    "router.backend",
+    "router.generation",
+    "router.serving",
+    "router.policy",
+    "router.api",
 ]
 
 
-def test_bookkeeping_modules_do_not_import_torch() -> None:
+def test_bookkeeping_and_router_path_do_not_import_torch() -> None:
     code = (
         "import importlib, sys\n"
         f"for name in {PURE_MODULES!r}:\n"

@@ -32,19 +32,31 @@ class PagedTokenRunner:
     def __init__(self, block_size: int = BLOCK_SIZE) -> None:
         self.block_size = block_size
         self.slots: dict[int, int] = {}
+        self.tables: dict[str, list[int]] = {}  # built from new_block_ids, as the runner does
+
+    def update_tables(self, out: SchedulerOutput) -> None:
+        for request_id in [*out.finished_request_ids, *out.preempted_request_ids]:
+            self.tables.pop(request_id, None)
+        new = {r.request_id for r in out.new_requests}
+        for seq in out.sequences:
+            assert (seq.request_id in new) != (seq.request_id in self.tables)
+            self.tables.setdefault(seq.request_id, []).extend(seq.new_block_ids)
 
     def _slot(self, block_ids: list[int], position: int) -> int:
         return block_ids[position // self.block_size] * self.block_size + position % self.block_size
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        self.update_tables(out)
         sampled = {}
         for seq in out.sequences:
+            block_ids = self.tables[seq.request_id]
             for i, token_id in enumerate(seq.token_ids):
-                self.slots[self._slot(seq.block_ids, seq.start_position + i)] = token_id
+                self.slots[self._slot(block_ids, seq.start_position + i)] = token_id
         for seq in out.sequences:
             if seq.sample:
+                block_ids = self.tables[seq.request_id]
                 end = seq.start_position + seq.num_tokens
-                context = [self.slots[self._slot(seq.block_ids, p)] for p in range(end)]
+                context = [self.slots[self._slot(block_ids, p)] for p in range(end)]
                 sampled[seq.request_id] = next_token(context)
         return ModelRunnerOutput(sampled_token_ids=sampled)
 
@@ -91,10 +103,12 @@ def make_request(
     )
 
 
-def layout(out: SchedulerOutput) -> list[tuple]:
-    """(request_id, start_position, num_tokens, block_ids, sample) per sequence."""
+def layout(out: SchedulerOutput, runner: PagedTokenRunner) -> list[tuple]:
+    """(request_id, start_position, num_tokens, block table, sample) per sequence; the block
+    table as the runner rebuilt it from the step's ``new_block_ids``."""
     return [
-        (s.request_id, s.start_position, s.num_tokens, s.block_ids, s.sample) for s in out.sequences
+        (s.request_id, s.start_position, s.num_tokens, list(runner.tables[s.request_id]), s.sample)
+        for s in out.sequences
     ]
 
 
@@ -134,23 +148,23 @@ def test_exact_blocks_and_chunks() -> None:
     scheduler.add_request(b)
 
     out, _ = step(scheduler, runner)
-    assert layout(out) == [("a", 0, 8, [0, 1], False)]
+    assert layout(out, runner) == [("a", 0, 8, [0, 1], False)]
     assert out.sequences[0].token_ids == list(range(8))
     assert [r.request_id for r in out.new_requests] == ["a"]
     assert a.num_computed_tokens == 8 and a.output_token_ids == []
 
     out, _ = step(scheduler, runner)
-    assert layout(out) == [("a", 8, 2, [0, 1, 2], True), ("b", 0, 5, [3, 4], True)]
+    assert layout(out, runner) == [("a", 8, 2, [0, 1, 2], True), ("b", 0, 5, [3, 4], True)]
     assert out.sequences[0].token_ids == [8, 9]
     assert [r.request_id for r in out.new_requests] == ["b"]
 
     out, _ = step(scheduler, runner)
-    assert layout(out) == [("a", 10, 1, [0, 1, 2], True), ("b", 5, 1, [3, 4], True)]
+    assert layout(out, runner) == [("a", 10, 1, [0, 1, 2], True), ("b", 5, 1, [3, 4], True)]
     assert out.sequences[0].token_ids == a.output_token_ids[:1]
     assert out.new_requests == []
 
     out, finished = step(scheduler, runner)
-    assert layout(out) == [("a", 11, 1, [0, 1, 2], True), ("b", 6, 1, [3, 4], True)]
+    assert layout(out, runner) == [("a", 11, 1, [0, 1, 2], True), ("b", 6, 1, [3, 4], True)]
     assert finished == [a, b]
     assert a.output_token_ids == reference_output(a.prompt_token_ids, 3)
     assert b.output_token_ids == reference_output(b.prompt_token_ids, 3)
@@ -164,7 +178,7 @@ def test_chunked_prefill_with_small_budget() -> None:
     scheduler, runner = make_scheduler(max_num_batched_tokens=4), PagedTokenRunner()
     a = make_request("a", list(range(10)), max_tokens=2)
     scheduler.add_request(a)
-    layouts = [layout(step(scheduler, runner)[0]) for _ in range(4)]
+    layouts = [layout(step(scheduler, runner)[0], runner) for _ in range(4)]
     assert layouts == [
         [("a", 0, 4, [0], False)],
         [("a", 4, 4, [0, 1], False)],
@@ -182,7 +196,7 @@ def test_without_chunked_prefill_a_prompt_waits_until_it_fits() -> None:
         runner = PagedTokenRunner()
         scheduler.add_request(make_request("a", list(range(10))))
         scheduler.add_request(make_request("b", list(range(30, 40))))
-        return [layout(step(scheduler, runner)[0]) for _ in range(2)]
+        return [layout(step(scheduler, runner)[0], runner) for _ in range(2)]
 
     assert first_steps(chunked=False) == [
         [("a", 0, 10, [0, 1, 2], True)],
@@ -205,10 +219,10 @@ def test_decodes_come_first() -> None:
     step(scheduler, runner)
     scheduler.add_request(make_request("a", list(range(15)), priority=0))
     out, _ = step(scheduler, runner)
-    assert layout(out) == [("b", 3, 1, [0], True), ("a", 0, 9, [1, 2, 3], False)]
+    assert layout(out, runner) == [("b", 3, 1, [0], True), ("a", 0, 9, [1, 2, 3], False)]
     out, _ = step(scheduler, runner)
     # A is served first (it gets block 4), yet B's decode is listed first.
-    assert layout(out) == [("b", 4, 1, [0, 5], True), ("a", 9, 6, [1, 2, 3, 4], True)]
+    assert layout(out, runner) == [("b", 4, 1, [0, 5], True), ("a", 9, 6, [1, 2, 3, 4], True)]
 
 
 def test_max_num_seqs() -> None:
@@ -248,11 +262,11 @@ def test_preemption_by_recompute() -> None:
     scheduler.add_request(b)
     step(scheduler, runner)
     out, _ = step(scheduler, runner)
-    assert layout(out) == [("a", 7, 1, [0, 1], True), ("b", 7, 1, [2, 3], True)]
+    assert layout(out, runner) == [("a", 7, 1, [0, 1], True), ("b", 7, 1, [2, 3], True)]
 
     out, _ = step(scheduler, runner)
     assert out.preempted_request_ids == ["b"]
-    assert layout(out) == [("a", 8, 1, [0, 1, 3], True)]  # B's tail block 3 is reused first
+    assert layout(out, runner) == [("a", 8, 1, [0, 1, 3], True)]  # B's tail block 3 is reused first
     assert b.status is RequestStatus.PREEMPTED
     assert (b.num_computed_tokens, b.block_ids, b.num_preemptions) == (0, [], 1)
     assert b.output_token_ids == reference_output(b.prompt_token_ids, 2)
@@ -261,17 +275,17 @@ def test_preemption_by_recompute() -> None:
 
     for position in (9, 10, 11):  # A alone: B cannot get the 3 blocks it needs
         out, finished = step(scheduler, runner)
-        assert layout(out) == [("a", position, 1, [0, 1, 3], True)]
+        assert layout(out, runner) == [("a", position, 1, [0, 1, 3], True)]
     assert finished == [a]
     # B resumes. Its first block survived in the prefix cache (block 2, free but cached), so
     # the recompute covers the rest: prompt tokens 4..6 and the 2 tokens it had sampled.
     out, _ = step(scheduler, runner)
-    assert layout(out) == [("b", 4, 5, [2, 3, 1], True)]
+    assert layout(out, runner) == [("b", 4, 5, [2, 3, 1], True)]
     assert out.new_requests == [b] and out.finished_request_ids == ["a"]
     assert out.sequences[0].token_ids == [54, 55, 56, *b.output_token_ids[:2]]
     for position in (9, 10, 11):
         out, finished = step(scheduler, runner)
-        assert layout(out) == [("b", position, 1, [2, 3, 1], True)]
+        assert layout(out, runner) == [("b", position, 1, [2, 3, 1], True)]
     assert finished == [b]
     assert a.output_token_ids == reference_output(a.prompt_token_ids, 6)
     assert b.output_token_ids == reference_output(b.prompt_token_ids, 6)
@@ -291,7 +305,7 @@ def test_a_request_preempts_itself_when_it_ranks_last() -> None:
     out, _ = step(scheduler, runner)
     assert out.preempted_request_ids == ["b"]
     # B's blocks are free now, but a step that preempts admits no waiting request.
-    assert layout(out) == [("a", 6, 1, [0, 1], True)]
+    assert layout(out, runner) == [("a", 6, 1, [0, 1], True)]
     assert list(scheduler.waiting) == [b, c]
     while scheduler.has_unfinished_requests():
         step(scheduler, runner)
@@ -312,7 +326,7 @@ def test_no_admission_in_a_step_that_preempts() -> None:
     scheduler.add_request(c)
     out, _ = step(scheduler, runner)
     assert out.preempted_request_ids == ["b"]
-    assert layout(out) == [("a", 8, 1, [0, 1, 3], True)]  # block 2 is free, yet c waits
+    assert layout(out, runner) == [("a", 8, 1, [0, 1, 3], True)]  # block 2 is free, yet c waits
     assert list(scheduler.waiting) == [c, b]  # priority order, not "preempted first"
     out, _ = step(scheduler, runner)
     assert [r.request_id for r in out.new_requests] == ["c", "b"]  # a finished: room for both
@@ -424,7 +438,7 @@ def test_prefill_role_leaves_evictable_prefix_cache() -> None:
     p = make_request("p", list(range(9)), max_tokens=1)
     scheduler.add_request(p)
     out, finished = step(scheduler, runner)
-    assert layout(out) == [("p", 0, 9, [0, 1, 2], True)] and finished == [p]
+    assert layout(out, runner) == [("p", 0, 9, [0, 1, 2], True)] and finished == [p]
     assert scheduler.get_request("p") is p  # until the next schedule()
     stats = scheduler.stats()
     assert (stats.num_free_blocks, stats.num_used_blocks, stats.num_total_blocks) == (10, 0, 10)
@@ -432,7 +446,9 @@ def test_prefill_role_leaves_evictable_prefix_cache() -> None:
     scheduler.add_request(again)
     out, _ = step(scheduler, runner)
     assert scheduler.get_request("p") is None
-    assert layout(out) == [("again", 8, 1, [0, 1, 3], True)]  # a one-token step: listed first
+    assert layout(out, runner) == [
+        ("again", 8, 1, [0, 1, 3], True)
+    ]  # a one-token step: listed first
     assert again.num_cached_tokens == 8
     stats = scheduler.stats()
     assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (18, 8)
@@ -446,11 +462,11 @@ def test_decode_role_reserve_then_join_as_decode() -> None:
     assert (d.block_ids, d.num_cached_tokens, scheduler.num_reserved) == ([0, 1], 0, 1)
     assert scheduler.schedule().is_empty  # nothing to run until the KV lands
     # The "prefill worker" writes the prompt KV into the reserved blocks, samples token 1.
-    runner.execute(scheduler_output_for_prompt(d))
+    prefill_elsewhere(runner, d)
     d.output_token_ids.append(next_token(d.prompt_token_ids))
     assert scheduler.add_prefilled_request(d)
     out, _ = step(scheduler, runner)
-    assert layout(out) == [("d", 8, 1, [0, 1, 2], True)]
+    assert layout(out, runner) == [("d", 8, 1, [0, 1, 2], True)]
     assert out.new_requests == [d]
     while scheduler.has_unfinished_requests():
         step(scheduler, runner)
@@ -461,12 +477,14 @@ def test_decode_role_reserve_then_join_as_decode() -> None:
     assert e.block_ids[:2] == [0, 1]
 
 
-def scheduler_output_for_prompt(request: Request) -> SchedulerOutput:
-    """What a prefill worker computes for a reserved request: its whole prompt."""
+def prefill_elsewhere(runner: PagedTokenRunner, request: Request) -> None:
+    """Write a reserved request's prompt KV into its blocks, as a prefill worker does; the
+    decode side's runner then first sees the request when the scheduler sends it."""
     seq = ScheduledSequence(
-        request.request_id, request.prompt_token_ids, 0, request.block_ids, False
+        request.request_id, request.prompt_token_ids, 0, list(request.block_ids), False
     )
-    return SchedulerOutput(sequences=[seq])
+    runner.execute(SchedulerOutput(sequences=[seq], new_requests=[request]))
+    del runner.tables[request.request_id]
 
 
 def test_decode_role_first_token_can_finish_it() -> None:
@@ -492,7 +510,7 @@ def test_decode_role_full_pool_of_reservations_makes_progress() -> None:
         assert scheduler.reserve_request(r)
     assert not scheduler.reserve_request(make_request("late", [1, 2]))
     for r in requests:
-        runner.execute(scheduler_output_for_prompt(r))
+        prefill_elsewhere(runner, r)
         r.output_token_ids.append(next_token(r.prompt_token_ids))
         assert scheduler.add_prefilled_request(r)
     for _ in range(40):
@@ -546,3 +564,37 @@ def test_random_simulation_invariants(seed: int, policy: str) -> None:
         assert request.output_token_ids == reference_output(request.prompt_token_ids, n)
     stats = scheduler.stats()
     assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+
+
+def test_steps_send_only_new_block_ids() -> None:
+    """A request's block ids cross to the runner once: in full when it is new (or again after
+    preemption), then only the blocks appended since."""
+    scheduler, runner = make_scheduler(max_num_batched_tokens=8), PagedTokenRunner()
+    a = make_request("a", list(range(10)), max_tokens=6)
+    scheduler.add_request(a)
+    sent = []
+    for _ in range(5):
+        out, _ = step(scheduler, runner)
+        sent.append([(s.request_id, s.new_block_ids) for s in out.sequences])
+    # chunk of 8 (blocks 0, 1), chunk of 2 (+ block 2), decodes at 10, 11 (none), 12 (+ 3)
+    assert sent == [[("a", [0, 1])], [("a", [2])], [("a", [])], [("a", [])], [("a", [3])]]
+    assert runner.tables["a"] == a.block_ids == [0, 1, 2, 3]
+
+
+def test_the_lease_of_a_reservation() -> None:
+    """One lease per reservation, on the caller's clock: expired ones are aborted and free
+    their blocks; a reservation taken into the batch no longer expires."""
+    scheduler = make_scheduler()
+    a, b = make_request("a", list(range(8))), make_request("b", list(range(20, 28)))
+    assert scheduler.reserve_request(a, lease_deadline=10.0)
+    assert scheduler.reserve_request(b, lease_deadline=20.0)
+    assert scheduler.kv_cache_manager.num_free_blocks == 6
+    assert scheduler.expire_reservations(now=9.9) == []
+    assert scheduler.expire_reservations(now=10.0) == ["a"]
+    assert a.status is RequestStatus.FINISHED_ABORTED and a.block_ids == []
+    assert scheduler.kv_cache_manager.num_free_blocks == 8
+    b.output_token_ids.append(5)
+    assert scheduler.add_prefilled_request(b)
+    assert b.lease_deadline is None
+    assert scheduler.expire_reservations(now=100.0) == []
+    assert list(scheduler.reserved) == [] and scheduler.get_request("b") is b

@@ -19,7 +19,13 @@ from kv_transfer.base import (
     TransferFailedError,
     UnknownRequestError,
 )
-from kv_transfer.layout import KVLayout, cache_layer_shape, gather_blocks, scatter_blocks
+from kv_transfer.layout import (
+    KVLayout,
+    cache_layer_shape,
+    gather_blocks,
+    pack_fns,
+    scatter_blocks,
+)
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.sender import StreamingKVSender
 
@@ -423,3 +429,46 @@ def test_cuda_caches_with_the_default_kernels(transport: str) -> None:
     finally:
         sender.close()
         receiver.close()
+
+
+def test_a_stalled_decode_worker_does_not_hold_up_the_others(transport: str) -> None:
+    """Each decode worker has its own sending lane: while one receiver cannot take writes
+    (its sender's stream is blocked on backpressure), another request's KV still goes out."""
+    # 32 KiB blocks, 2 per chunk: 256 chunks (16 MiB) per request, past gRPC's flow-control
+    # window, so the stalled receiver's stream blocks its sender.
+    layout = KVLayout(num_layers=32, block_size=16, num_kv_heads=8, head_dim=64, dtype="float16")
+    config = KVTransferConfig(chunk_bytes=64 << 10, max_inflight_chunks=1)
+    gate = threading.Event()
+    unpack = pack_fns(torch.device("cpu"))[1]
+
+    def stalled_unpack(packed: torch.Tensor, kv_layer: torch.Tensor, ids: torch.Tensor) -> None:
+        assert gate.wait(WAIT_S), "the test never opened the gate"
+        unpack(packed, kv_layer, ids)
+
+    def receiver(**kwargs) -> KVReceiver:
+        address = "127.0.0.1:0" if transport == "grpc" else ""
+        caches = _caches(layout, 16, fill=False)
+        return get_transport(transport).create_receiver(caches, config, address=address, **kwargs)
+
+    slow, fast = receiver(unpack_fn=stalled_unpack), receiver()
+    assert slow.address != fast.address
+    source = _caches(layout, 16, fill=True)
+    sender = get_transport(transport).create_sender(source, config)
+    try:
+        blocks = list(range(16))
+        sender.begin(slow.expect("slow", blocks))
+        sender.begin(fast.expect("fast", blocks))
+        for layer in range(layout.num_layers):
+            sender.send_layer("slow", layer, blocks, blocks)
+        slow_done = sender.flush("slow")
+        for layer in range(layout.num_layers):
+            sender.send_layer("fast", layer, blocks, blocks)
+        assert sender.flush("fast").result(WAIT_S).complete
+        assert fast.is_complete("fast") and not slow_done.done()
+        gate.set()
+        assert slow_done.result(WAIT_S).complete and slow.is_complete("slow")
+    finally:
+        gate.set()
+        sender.close()
+        slow.close()
+        fast.close()

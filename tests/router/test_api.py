@@ -21,7 +21,9 @@ import pytest
 import uvicorn
 
 from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig
+from engine.llm import LLM
 from engine.request import FinishReason
+from engine.sampling_params import SamplingParams
 from engine.tokenizer import load_tokenizer
 from router.api import RouterConfig, build_app
 from router.backends.colocated import ColocatedBackend
@@ -59,7 +61,7 @@ class Served:
 
     def abort_on_worker(self, request_id: str) -> None:
         """What a decode worker does when it drops a request on its own (lease expired, ...)."""
-        worker = self.backend.cluster.decode[0].worker
+        worker = self.backend.cluster.decode[0].target
 
         def drop(engine) -> None:  # on the engine's loop thread
             engine.abort_request(request_id)
@@ -210,6 +212,25 @@ class TestServer:
         )
         assert "".join(c.choices[0].text for c in streamed) == expected + stop
         served.wait_until_idle()
+
+    def test_a_stop_token_is_reported_as_stop_reason(self, client: openai.OpenAI) -> None:
+        """The engine's stop token reaches the answer (vLLM's ``stop_reason``), through the
+        same delta-to-text path the offline ``LLM`` uses."""
+        prompt = load_tokenizer(MODEL).encode("The scheduler admits")
+        greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+        llm = LLM.from_config(_engine_config())
+        generated = llm.generate({"prompt_token_ids": prompt}, greedy)[0].outputs[0].token_ids
+        stop_token = generated[4]
+        response = client.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=12,
+            temperature=0,
+            extra_body={"ignore_eos": True, "stop_token_ids": [stop_token]},
+        )
+        choice = response.choices[0]
+        assert (choice.finish_reason, choice.model_extra["stop_reason"]) == ("stop", stop_token)
+        assert response.usage.completion_tokens == generated.index(stop_token) + 1
 
     def test_n_choices_are_seeded_per_index(self, client: openai.OpenAI) -> None:
         def sample(n: int, seed: int):

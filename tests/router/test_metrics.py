@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kv_transfer.base import TransferBreakdown
+from engine.wire import TransferBreakdown
 from router.metrics import RouterMetrics
 
 

@@ -5,6 +5,9 @@ The same checks over HTTP (400 bodies from FastAPI's validation) are in ``test_a
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 from pydantic import ValidationError
 
@@ -12,7 +15,9 @@ from engine.sampling_params import SamplingParams
 from router.protocol import (
     APIError,
     ChatCompletionRequest,
+    ChatCompletionStreamResponse,
     CompletionRequest,
+    CompletionStreamResponse,
     check_unsupported,
     to_sampling_params,
     validation_error_to_api_error,
@@ -181,3 +186,26 @@ def test_top_logprobs_requires_logprobs() -> None:
     request = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], top_logprobs=2)
     with pytest.raises(APIError, match="top_logprobs requires logprobs"):
         check_unsupported(request)
+
+
+@pytest.mark.parametrize("is_chat", [False, True])
+def test_text_chunks_spliced_into_a_template_equal_the_models_json(is_chat: bool) -> None:
+    """The streamed text chunk fast path writes what ``model_dump_json`` would."""
+    from router.generation import SequenceUpdate
+    from router.serving import OpenAIServing, _Choice
+
+    if is_chat:
+        request: Any = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}])
+        chunk_type: Any = ChatCompletionStreamResponse
+    else:
+        request = CompletionRequest(prompt="hi")
+        chunk_type = CompletionStreamResponse
+    serving = OpenAIServing.__new__(OpenAIServing)
+    before, after = serving._text_chunk_template(request, chunk_type, "cmpl-1", "m", 2)
+    created = json.loads(before + '""' + after)["created"]
+    for text in ["plain", 'quote " back \\ slash', "new\nline\ttab", "é ü 日本 🙂", "\x01\x1f"]:
+        update = SequenceUpdate(2, text, [7], None, None, None, 3, 0)
+        choice = serving._stream_choice(request, _Choice(), update)
+        model = chunk_type(id="cmpl-1", model="m", choices=[choice], created=created)
+        spliced = before + json.dumps(text, ensure_ascii=False) + after
+        assert json.loads(spliced) == json.loads(model.model_dump_json())

@@ -209,7 +209,7 @@ class Server:
         workers = self.backend.cluster.prefill + self.backend.cluster.decode
 
         async def ask() -> list[WorkerStats]:
-            return await asyncio.gather(*(w.call("stats") for w in workers))
+            return await asyncio.gather(*(w.stats() for w in workers))
 
         return {w.worker_id: s for w, s in zip(workers, self.run(ask))}
 
@@ -277,7 +277,7 @@ def serve(argv: list[str]) -> Iterator[Server]:
         workers = backend.cluster.prefill + backend.cluster.decode
 
         async def infos() -> list[WorkerInfo]:
-            return await asyncio.gather(*(w.call("info") for w in workers))
+            return await asyncio.gather(*(w.info() for w in workers))
 
         running.worker_infos = {w.worker_id: i for w, i in zip(workers, running.run(infos))}
         worker_pids = {i.pid for i in running.worker_infos.values()} - {os.getpid()}

@@ -187,7 +187,7 @@ def test_first_token_arrives_before_the_kv_transfer_is_acknowledged(
     stopped = False
     try:
         deadline = time.monotonic() + 60
-        while server.run(lambda: decode.call("stats")).num_reserved == 0:
+        while server.run(lambda: decode.stats()).num_reserved == 0:
             assert time.monotonic() < deadline, "the decode worker never reserved blocks"
             time.sleep(0.01)
         os.kill(decode_pid, signal.SIGSTOP)
@@ -199,7 +199,7 @@ def test_first_token_arrives_before_the_kv_transfer_is_acknowledged(
         # ...while the prefill worker's transfer is still unacknowledged.
         request_id = f"{first.id}-0"
         with pytest.raises(TimeoutError):
-            server.run(lambda: prefill.call("wait_transfer", request_id, 0.0))
+            server.run(lambda: prefill.wait_transfer(request_id, 0.0))
     finally:
         if stopped:
             os.kill(decode_pid, signal.SIGCONT)

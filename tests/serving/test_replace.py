@@ -31,5 +31,5 @@ def test_a_killed_decode_worker_is_replaced(local_ray: None, offline: Offline) -
                 time.sleep(0.5)
         answer.check(expected, len(offline.completion_ids(content)))
 
-        new = server.run(lambda: server.backend.cluster.decode[0].call("info"))
+        new = server.run(lambda: server.backend.cluster.decode[0].info())
         assert new.worker_id == old.worker_id and new.pid != old.pid
