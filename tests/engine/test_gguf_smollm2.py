@@ -12,7 +12,7 @@ from engine.kv_cache import allocate_kv_caches
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 from tests.helpers import make_attention_metadata
-from tests.smollm2 import CHATS, FACTS, MAX_TOKENS, MODEL, reference
+from tests.smollm2 import CHATS, MAX_TOKENS, MODEL, reference
 
 CPU = torch.device("cpu")
 
@@ -72,20 +72,3 @@ def test_greedy_tokens_match_transformers(llm: LLM) -> None:
     ours = [o.outputs[0].token_ids for o in outputs]
     assert all(len(tokens) == MAX_TOKENS for tokens in ours)
     assert ours == ref.greedy
-
-
-def test_real_answers(llm: LLM) -> None:
-    prompts = [
-        {
-            "prompt_token_ids": llm.tokenizer.apply_chat_template(
-                [{"role": "user", "content": q}],
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=False,
-            )
-        }
-        for q, _ in FACTS
-    ]
-    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24))
-    for (question, answer), output in zip(FACTS, outputs, strict=True):
-        assert answer in output.outputs[0].text, (question, output.outputs[0].text)

@@ -8,8 +8,11 @@ text: the router returns text), and real questions get right answers.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
+from typing import Any
 
+import openai
 import pytest
 
 from tests.serving.conftest import Server, serve
@@ -27,30 +30,41 @@ def test_models_lists_smollm2(server: Server) -> None:
     assert [m.id for m in server.client().models.list().data] == [MODEL]
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["full", "stream"])
-def test_greedy_chat_matches_transformers(server: Server, stream: bool) -> None:
+async def _answer(client: openai.AsyncOpenAI, chat: tuple, stream: bool) -> tuple[str, Any]:
+    """(text, usage) of one greedy chat completion, streamed or not."""
+    kwargs: dict[str, Any] = {
+        "model": MODEL,
+        "messages": list(chat),
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0.0,
+        "extra_body": {"ignore_eos": True},
+    }
+    if not stream:
+        response = await client.chat.completions.create(**kwargs)
+        return response.choices[0].message.content, response.usage
+    chunks = [
+        chunk
+        async for chunk in await client.chat.completions.create(
+            **kwargs, stream=True, stream_options={"include_usage": True}
+        )
+    ]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks[-1].usage
+
+
+def test_greedy_chat_matches_transformers(server: Server) -> None:
+    """All chats at once (batched on the workers), alternately streamed and not."""
     ref = reference()
-    client = server.client()
     decisions = server.decisions()
-    for chat, prompt, expected in zip(CHATS, ref.prompts, ref.greedy, strict=True):
-        kwargs = {
-            "model": MODEL,
-            "messages": list(chat),
-            "max_tokens": MAX_TOKENS,
-            "temperature": 0.0,
-            "extra_body": {"ignore_eos": True},
-        }
-        if stream:
-            chunks = list(
-                client.chat.completions.create(
-                    **kwargs, stream=True, stream_options={"include_usage": True}
-                )
-            )
-            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-            usage = chunks[-1].usage
-        else:
-            response = client.chat.completions.create(**kwargs)
-            text, usage = response.choices[0].message.content, response.usage
+
+    async def ask_all() -> list[tuple[str, Any]]:
+        client = server.async_client()
+        return await asyncio.gather(
+            *(_answer(client, chat, stream=i % 2 == 1) for i, chat in enumerate(CHATS))
+        )
+
+    answers = asyncio.run(ask_all())
+    for (text, usage), prompt, expected in zip(answers, ref.prompts, ref.greedy, strict=True):
         assert usage.prompt_tokens == len(prompt)
         assert usage.completion_tokens == MAX_TOKENS
         assert text == ref.tokenizer.decode(expected, skip_special_tokens=True)
