@@ -27,6 +27,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
@@ -66,6 +67,7 @@ class AsyncEngine:
         self._outbox: asyncio.Queue[list[OutboxItem]] | None = None
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.step_started_at: float | None = None  # time.monotonic() of the step running now
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -217,7 +219,9 @@ class AsyncEngine:
                     )
                     return
                 if self.engine.has_schedulable_requests():
+                    self.step_started_at = time.monotonic()
                     deltas = self.engine.step(self._on_layer)
+                    self.step_started_at = None
                     if deltas:
                         self._to_event_loop(self._dispatch, deltas)
                 if self._on_step is not None:

@@ -20,6 +20,10 @@ from engine.outputs import RequestDelta
 from engine.scheduler_output import SchedulerOutput
 from engine.wire import WorkerInfo, WorkerStats
 
+# A single engine step running longer than this means the loop is stuck: the worker fails
+# its health check and the router replaces it. Long prefills on CPU take seconds, not this.
+STEP_STALL_S = 600.0
+
 
 def _ray_node_id() -> str | None:
     ray = sys.modules.get("ray")  # the engine does not import Ray; a Ray actor already has
@@ -81,10 +85,18 @@ class EngineWorker:
         )
 
     async def check_health(self) -> bool:
-        """True when the loop thread is alive and answers; raises its error when it died."""
+        """True while the loop thread lives and no step has run past ``STEP_STALL_S``.
+
+        Answered here, not on the loop thread: a long step (a 4k-token prefill of a big model
+        on CPU takes many seconds) is work, not death, and must not get the worker replaced.
+        """
         if self.loop.error is not None:
             raise RuntimeError(f"engine loop died: {self.loop.error!r}")
-        await asyncio.wait_for(self.run(lambda e: None), timeout=30)
+        if not self.loop.is_running:
+            raise RuntimeError("engine loop is not running")
+        started = self.loop.step_started_at
+        if started is not None and time.monotonic() - started > STEP_STALL_S:
+            raise RuntimeError(f"engine step running for {time.monotonic() - started:.0f} s")
         return True
 
     async def abort(self, request_id: str) -> None:

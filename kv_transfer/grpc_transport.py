@@ -119,6 +119,14 @@ class _KVTransferServicer:
         )
 
 
+def _node_address() -> str:
+    """This node's address as Ray knows it (inside a Ray worker: the node IP the cluster uses;
+    elsewhere: the address of the default route, or loopback when Ray is single-node)."""
+    import ray.util
+
+    return ray.util.get_node_ip_address()
+
+
 class _GrpcEndpoint:
     transport = "grpc"
     metadata = b""
@@ -132,7 +140,7 @@ class _GrpcEndpoint:
     ) -> None:
         host, _, _ = address.rpartition(":")
         if host in _WILDCARD_HOSTS and not advertise_host:
-            raise ValueError(f"address {address!r} binds every interface: give advertise_host")
+            advertise_host = _node_address()  # what other nodes dial: the Ray node's address
         self._executor = ThreadPoolExecutor(config.num_server_threads, thread_name_prefix="kv-recv")
         self._server = grpc.server(self._executor, options=_options(config))
         self._server.add_generic_rpc_handlers((_KVTransferServicer(receiver).handler(),))

@@ -11,9 +11,8 @@ prefilled on the prefill pod and whose KV crosses the bridge to the decode pod o
 rendered ``preStop`` returns once nothing is in flight; SIGTERM to the head's PID 1 (what the
 kubelet sends) shuts the router down cleanly.
 
-Deviation from the chart: ``--kv-host`` is the decode pod's IP, appended through
-``router.extraArgs`` (pdserve's parser keeps the last value). With the chart's ``0.0.0.0`` the
-decode worker fails at start until the router passes ``kv_advertise_host`` (README, Deploy).
+The chart's ``--kv-host 0.0.0.0`` as rendered: the decode worker binds every interface of
+its pod and advertises its Ray node's address, which the prefill pod dials across the bridge.
 """
 
 from __future__ import annotations
@@ -108,7 +107,6 @@ def test_pods_serve_across_the_bridge_drain_and_stop_on_sigterm() -> None:
     values = yaml.safe_load((CHART / "ci" / "cpu-smoke-values.yaml").read_text())
     values["router"] = {
         "localPrefillThreshold": 0,
-        "extraArgs": ["--kv-host", IPS["decode"]],
         "drain": {"endpointDelaySeconds": 0, "drainTimeoutSeconds": 20},
     }
     cluster = next(d for d in render(values) if d["kind"] == "RayCluster")["spec"]

@@ -55,9 +55,8 @@ HEAD_RESOURCES = {"prefill_node": 1, "decode_node": 1}
 TEST_ROUTER_FLAGS = {
     "--model": "pdserve-tiny", "--dtype": "float32", "--device": "cpu",
     "--num-prefill": "1", "--num-decode": "1",
-    # One node. (Across nodes local.yaml says 0.0.0.0, which needs the decode worker to
-    # advertise its node's address: DecodeWorker takes kv_advertise_host, but the router's
-    # Cluster does not pass it yet, so 0.0.0.0 fails at worker start.)
+    # One node: loopback. (Across nodes local.yaml says 0.0.0.0: the decode worker then
+    # advertises its Ray node's address; test_kuberay_pods runs that.)
     "--kv-host": "127.0.0.1",
 }  # fmt: skip
 

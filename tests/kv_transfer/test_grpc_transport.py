@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 import time
 from collections.abc import Iterator
 
@@ -141,17 +142,22 @@ def test_messages_above_grpcs_default_4mb_limit_go_through() -> None:
         receiver.close()
 
 
-def test_wildcard_bind_needs_an_advertised_host() -> None:
+def test_wildcard_bind_advertises_the_node_address() -> None:
+    """``--kv-host 0.0.0.0`` (across nodes): the receiver advertises the address Ray knows
+    this node by, unless told another; either way prefill workers can dial it."""
+    import ray.util
+
     caches = [torch.zeros(cache_layer_shape(LAYOUT, 2), dtype=torch.bfloat16) for _ in range(2)]
-    with pytest.raises(ValueError, match="advertise_host"):
-        get_transport("grpc").create_receiver(caches, KVTransferConfig(), address="0.0.0.0:0")
-    receiver = get_transport("grpc").create_receiver(
-        caches, KVTransferConfig(), address="0.0.0.0:0", advertise_host="127.0.0.1"
-    )
-    try:
-        assert receiver.expect("r", [0]).address.startswith("127.0.0.1:")
-    finally:
-        receiver.close()
+    for advertise, expected in ((None, ray.util.get_node_ip_address()), ("127.0.0.1",) * 2):
+        receiver = get_transport("grpc").create_receiver(
+            caches, KVTransferConfig(), address="0.0.0.0:0", advertise_host=advertise
+        )
+        try:
+            host, _, port = receiver.expect("r", [0]).address.rpartition(":")
+            assert host == expected
+            socket.create_connection(("127.0.0.1", int(port)), timeout=5).close()  # bound to all
+        finally:
+            receiver.close()
 
 
 def test_unreachable_receiver_and_ended_lease_surface_from_flush(receiver: KVReceiver) -> None:
