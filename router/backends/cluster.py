@@ -26,7 +26,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.outputs import RequestDelta
-from engine.wire import NoCapacityError, Reservation, WorkerInfo, WorkerStats
+from engine.wire import (
+    KVTransferFailedError,
+    NoCapacityError,
+    Reservation,
+    WorkerInfo,
+    WorkerStats,
+)
 from router.backend import (
     AdmissionError,
     BackendUnavailableError,
@@ -152,7 +158,7 @@ class ClusterBackend:
             async for delta in stream:
                 finished = delta.finished
                 yield delta
-        except (WorkerDiedError, ValueError) as error:
+        except (WorkerDiedError, KVTransferFailedError, ValueError) as error:
             raise _as_backend_error(error) from error
         finally:
             self._inflight.pop(request_id, None)
@@ -335,6 +341,8 @@ class ClusterBackend:
 
 
 def _as_backend_error(error: Exception) -> Exception:
-    if isinstance(error, WorkerDiedError):
+    # A dead worker, or KV that did not land in time (e.g. the reservation's lease ran out
+    # while the prompt waited in a long prefill queue): 503 with Retry-After, not a 500.
+    if isinstance(error, (WorkerDiedError, KVTransferFailedError)):
         return BackendUnavailableError(str(error))
     return InvalidRequestError(str(error))
