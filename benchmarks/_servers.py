@@ -59,11 +59,6 @@ SMOLLM2_MODEL = "smollm2-135m-instruct"  # real weights: pdserve's default model
 # vLLM and transformers load this plain Hugging Face folder of the same weights: links to
 # the dequantized float32 safetensors, config and tokenizer in pdserve's GGUF cache.
 SMOLLM2_HF_DIR = REPO_ROOT / ".cache" / "pdserve-bench" / "smollm2-135m-instruct-f32"
-# Extra pdserve flags per model. The router health-checks a worker by running a no-op on its
-# engine thread with a 10 s timeout, so one engine step longer than that (a 1500-token
-# prefill of SmolLM2's 30 layers on one shared core) gets a healthy worker replaced
-# mid-run; until the health check tells "busy" from "dead", benchmarks check rarely.
-PDSERVE_BENCH_ARGS: dict[str, tuple[str, ...]] = {"smollm2": ("--health-interval-s", "600")}
 # Real text for the prompts of real-weight models (public-domain passages, see its README).
 CORPUS_PATH = REPO_ROOT / "benchmarks" / "data" / "public_domain.txt"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")

@@ -33,7 +33,6 @@ from matplotlib.figure import Figure
 
 from benchmarks._servers import (
     LOG_DIR,
-    PDSERVE_BENCH_ARGS,
     RESULTS_DIR,
     ServerRun,
     checkpoint_dir,
@@ -260,8 +259,7 @@ def compare_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, BenchResult] = {}
     for mode in args.modes.split(","):
         log = LOG_DIR / f"colocated_vs_1p1d_{name}_{mode}.log"
-        extra = PDSERVE_BENCH_ARGS.get(name, ())
-        server = start_pdserve(free_port(), log, model=model, extra_args=extra, **MODES[mode])
+        server = start_pdserve(free_port(), log, model=model, **MODES[mode])
         labelled = [dataclasses.replace(b, label=f"{name} {mode}") for b in benches]
         run = run_on_server(server, labelled, warmups, args.ready_timeout_s)
         by_mode[mode] = summary(run, PRESETS[name]["stall_ms"])

@@ -34,7 +34,6 @@ from matplotlib.figure import Figure
 from benchmarks._servers import (
     LOG_DIR,
     MODEL_NAMES,
-    PDSERVE_BENCH_ARGS,
     RESULTS_DIR,
     VLLM_VERSION,
     ServerError,
@@ -126,11 +125,10 @@ def start_server(
 ) -> ServerProcess:
     model = model_path(name)
     log = LOG_DIR / f"pdserve_vs_vllm_{name}_{server}.log"
-    extra = PDSERVE_BENCH_ARGS.get(name, ())
     if server == "pdserve-1p1d":
-        return start_pdserve(free_port(), log, model=model, extra_args=extra)
+        return start_pdserve(free_port(), log, model=model)
     if server == "pdserve-colocated":
-        return start_pdserve(free_port(), log, model=model, colocated=True, extra_args=extra)
+        return start_pdserve(free_port(), log, model=model, colocated=True)
     assert vllm_python is not None
     return start_vllm(
         free_port(),
