@@ -24,10 +24,6 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,7 +32,7 @@ from tqdm import tqdm
 
 from engine.gguf import eos_token_ids, hf_config_from_gguf, iterate_gguf_weights, open_gguf
 from engine.kv_cache import TORCH_DTYPES
-from engine.tiny import cache_root
+from engine.tiny import cache_root, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -99,24 +95,6 @@ def gguf_model_dir(gguf_file: Path) -> Path:
     return cache_root() / "gguf" / f"{gguf_file.stem}-{_digest(gguf_file)}"
 
 
-def _write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
-    """``write(tmp_folder)``, then rename it to ``final``; a lost race keeps the winner's."""
-    if final.is_dir():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        write(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():
-                raise  # not a lost race: a real error
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
 def _write_tokenizer(gguf_file: Path, folder: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -146,7 +124,7 @@ def materialize_gguf(gguf_file: Path) -> Path:
     final = gguf_model_dir(gguf_file)
     if not final.is_dir():
         logger.info("converting the metadata and tokenizer of %s into %s", gguf_file, final)
-    return _write_atomically(final, write)
+    return write_atomically(final, write)
 
 
 def materialize_gguf_weights(gguf_file: Path, dtype: str) -> list[Path]:
@@ -177,5 +155,5 @@ def materialize_gguf_weights(gguf_file: Path, dtype: str) -> list[Path]:
         if shard:
             flush()
 
-    folder = _write_atomically(model_dir / f"weights-{dtype}", write)
+    folder = write_atomically(model_dir / f"weights-{dtype}", write)
     return sorted(folder.glob("*.safetensors"))

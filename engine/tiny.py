@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -133,21 +134,29 @@ def _write_model(folder: Path) -> None:
     )
 
 
-def materialize_tiny_model() -> Path:
-    """The model folder, created on first use (atomically; see the module docstring)."""
-    final = tiny_model_dir()
+def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp_folder)`` beside ``final``, then rename it to ``final``: a cache folder is
+    whole or absent. A lost race (another process renamed first) keeps the winner's."""
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        _write_model(tmp)
+        write(tmp)
         try:
             os.rename(tmp, final)
-            logger.info("materialized %s into %s", TINY_MODEL_LABEL, final)
         except OSError:
             if not final.is_dir():
                 raise  # not a lost race: a real error
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def materialize_tiny_model() -> Path:
+    """The model folder, created on first use (atomically; see the module docstring)."""
+    final = tiny_model_dir()
+    if not final.is_dir():
+        write_atomically(final, _write_model)
+        logger.info("materialized %s into %s", TINY_MODEL_LABEL, final)
     return final
