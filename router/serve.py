@@ -98,6 +98,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--admission-timeout-s", type=float, default=30.0)
     group.add_argument(
+        "--max-migrations",
+        type=int,
+        default=BackendConfig.max_migrations,
+        help="times a request resumes on other workers after one died or its KV failed "
+        "(past it: a 503, or an error event in a stream)",
+    )
+    group.add_argument(
+        "--failover-timeout-s",
+        type=float,
+        default=BackendConfig.failover_timeout_s,
+        help="how long a resumed request waits for a usable decode worker (a replacement)",
+    )
+    group.add_argument(
         "--health-interval-s",
         type=float,
         default=BackendConfig.health_interval_s,
@@ -147,6 +160,8 @@ def build_backend(args: argparse.Namespace, engine: EngineConfig) -> ClusterBack
             enable_local_prefill=args.enable_local_prefill,
             local_prefill_threshold=args.local_prefill_threshold,
             admission_timeout_s=args.admission_timeout_s,
+            max_migrations=args.max_migrations,
+            failover_timeout_s=args.failover_timeout_s,
             affinity_max_queue_gap=args.affinity_max_queue_gap,
             health_interval_s=args.health_interval_s,
         ),
