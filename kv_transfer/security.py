@@ -15,12 +15,15 @@ the cluster (``cluster_kv_config``), so each cluster has its own.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import hmac
+import ipaddress
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from kv_transfer.base import KVTransferConfig
 
@@ -76,3 +79,62 @@ def verify(secret: bytes, token: str, purpose: str, *parts: str | bytes | int) -
     """Constant-time check of ``token`` against ``authenticator(secret, purpose, *parts)``."""
     expected = authenticator(secret, purpose, *parts)
     return hmac.compare_digest(expected.encode(), token.encode("ascii", "replace"))
+
+
+def write_self_signed_tls(
+    directory: str | Path,
+    name: str,
+    hosts: Sequence[str] = ("127.0.0.1", "localhost"),
+    valid_days: int = 1,
+) -> dict[str, str]:
+    """For tests, benchmarks and trying ``--kv-tls-*`` locally (production certificates come
+    from your PKI): a self-signed CA and a server certificate for ``hosts`` that it signed,
+    written as PEM files. Returns ``{"tls_cert", "tls_key", "tls_ca"}`` -> path, the
+    ``KVTransferConfig`` fields. Needs the ``cryptography`` package."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, server_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+
+    def certificate(subject: str, key: ec.EllipticCurvePrivateKey, *, ca: bool):
+        issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA")])
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=valid_days))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            names: list[x509.GeneralName] = []
+            for host in hosts:
+                try:
+                    names.append(x509.IPAddress(ipaddress.ip_address(host)))
+                except ValueError:
+                    names.append(x509.DNSName(host))
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return builder.sign(ca_key, hashes.SHA256())
+
+    pem = serialization.Encoding.PEM
+    files = {
+        "tls_ca": certificate(f"{name} CA", ca_key, ca=True).public_bytes(pem),
+        "tls_cert": certificate("pdserve-kv", server_key, ca=False).public_bytes(pem),
+        "tls_key": server_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    }
+    paths = {}
+    for field, data in files.items():
+        path = Path(directory) / f"{name}-{field.removeprefix('tls_')}.pem"
+        path.write_bytes(data)
+        paths[field] = str(path)
+    return paths

@@ -8,8 +8,6 @@ the right bytes; a sender that trusts another CA fails at once.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import logging
 import secrets
 import time
@@ -26,7 +24,12 @@ from kv_transfer.grpc_transport import _stream_metadata
 from kv_transfer.layout import KVLayout, cache_layer_shape, checksum, gather_blocks, payload_bytes
 from kv_transfer.pb import kv_transfer_pb2, kv_transfer_pb2_grpc
 from kv_transfer.receiver import KVReceiver
-from kv_transfer.security import SECRET_ENV, cluster_kv_config, load_secret
+from kv_transfer.security import (
+    SECRET_ENV,
+    cluster_kv_config,
+    load_secret,
+    write_self_signed_tls,
+)
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -193,61 +196,11 @@ def test_serve_flags_reach_the_kv_config(tmp_path: Path) -> None:
 # -- TLS ------------------------------------------------------------------------------------
 
 
-def _write_ca_and_server_cert(directory: Path, name: str) -> dict[str, str]:
-    """A self-signed CA and a server certificate for 127.0.0.1 it signed, as PEM files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    span = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
-
-    def cert(subject: str, key, issuer: str, signer, *, ca: bool) -> x509.Certificate:
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(span[0])
-            .not_valid_after(span[1])
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if not ca:
-            san = x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            )
-            builder = builder.add_extension(san, critical=False)
-        return builder.sign(signer, hashes.SHA256())
-
-    ca_key, server_key = (
-        ec.generate_private_key(ec.SECP256R1()),
-        ec.generate_private_key(ec.SECP256R1()),
-    )
-    ca_cert = cert(f"{name} CA", ca_key, f"{name} CA", ca_key, ca=True)
-    server_cert = cert("pdserve-kv", server_key, f"{name} CA", ca_key, ca=False)
-    pem = serialization.Encoding.PEM
-    files = {
-        "tls_ca": ca_cert.public_bytes(pem),
-        "tls_cert": server_cert.public_bytes(pem),
-        "tls_key": server_key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ),
-    }
-    paths = {}
-    for field, data in files.items():
-        path = directory / f"{name}-{field}.pem"
-        path.write_bytes(data)
-        paths[field] = str(path)
-    return paths
-
-
 def test_transfer_over_tls_lands_the_right_bytes_and_a_foreign_ca_fails_fast(
     tmp_path: Path,
 ) -> None:
     pytest.importorskip("cryptography")
-    ours, theirs = (_write_ca_and_server_cert(tmp_path, n) for n in ("ours", "theirs"))
+    ours, theirs = (write_self_signed_tls(tmp_path, n) for n in ("ours", "theirs"))
     dst = _caches(8, random=False)
     receiver = get_transport("grpc").create_receiver(
         dst, KVTransferConfig(secret=SECRET, **ours), address="127.0.0.1:0"
