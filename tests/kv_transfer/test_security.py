@@ -254,3 +254,43 @@ def test_tls_flags_are_all_or_nothing(tmp_path: Path) -> None:
         KVTransferConfig(tls_server_name="pdserve-kv")
     with pytest.raises(ValueError, match="secret must be bytes"):
         KVTransferConfig(secret="text")  # type: ignore[arg-type]
+
+
+def test_pdserve_serve_refuses_bad_kv_security_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from router.cli import main
+
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    base = ["serve", "--model", "pdserve-tiny", "--device", "cpu"]
+    assert main([*base, "--kv-tls-cert", str(cert)]) == 2
+    assert "tls_key (--kv-tls-key) is missing" in capsys.readouterr().err
+    monkeypatch.setenv(SECRET_ENV, "too-short")
+    assert main(base) == 2
+    error = capsys.readouterr().err
+    assert f"${SECRET_ENV} holds 9 bytes" in error and "too-short" not in error
+
+
+def test_tls_server_name_overrides_the_host_checked(tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    tls = write_self_signed_tls(tmp_path, "named", hosts=("kv.pdserve.internal",))
+    dst = _caches(8, random=False)
+    receiver = get_transport("grpc").create_receiver(
+        dst, KVTransferConfig(secret=SECRET, **tls), address="127.0.0.1:0"
+    )
+    src = _caches(4, random=True)
+    try:
+        unnamed = get_transport("grpc").create_sender(src, KVTransferConfig(secret=SECRET, **tls))
+        with pytest.raises(TransportError):  # the certificate does not name 127.0.0.1
+            _transfer(unnamed, receiver.expect("unnamed", DST))
+        unnamed.close()
+        config = KVTransferConfig(secret=SECRET, tls_server_name="kv.pdserve.internal", **tls)
+        sender = get_transport("grpc").create_sender(src, config)
+        try:
+            assert _transfer(sender, receiver.expect("named", DST)).complete
+        finally:
+            sender.close()
+        assert torch.equal(_landed(dst, DST), _landed(src, SRC))
+    finally:
+        receiver.close()

@@ -78,10 +78,11 @@ def _plans(num_requests: int, seed: int) -> list[Plan]:
                 chat=rng.random() < 0.5,
                 stream=stream,
                 num_words=rng.choice(PROMPT_WORDS),
-                max_tokens=rng.randint(*MAX_TOKENS),
+                # A client that leaves mid-answer gets a long enough one to leave from.
+                max_tokens=rng.randint(6 if disconnect else MAX_TOKENS[0], MAX_TOKENS[1]),
                 disconnect=disconnect,
                 after_chunks=rng.randint(1, 4),
-                delay_s=rng.uniform(0.0, 0.05),
+                delay_s=rng.uniform(0.0, 0.03),
             )
         )
     return plans
@@ -212,7 +213,7 @@ def _soak(server: Server, offline: Offline, num_requests: int, budget_s: float) 
     print(f"soak: workers after: {leaks}; router in flight: {in_flight}")
     assert sum(outcomes.values()) == num_requests
     disconnected = num_requests - outcomes["ok"]
-    assert disconnected >= 0.2 * num_requests, outcomes  # the clients did go away
+    assert disconnected >= 0.25 * num_requests, outcomes  # the clients did go away
     assert outcomes["mid_stream"] and outcomes["while_waiting"], outcomes
     for wid, stats in after.items():
         assert stats.num_free_blocks == baseline[wid].num_free_blocks == stats.num_total_blocks
