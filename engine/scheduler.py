@@ -61,6 +61,7 @@ class SchedulerStats:
     num_total_blocks: int
     num_used_blocks: int
     num_free_blocks: int  # ref count 0, including evictable prefix-cache blocks
+    num_pinned_blocks: int  # held by a pin (a KV transfer reading them) until unpinned
     kv_cache_usage: float  # used / total
     prefix_cache_queries: int  # tokens looked up in the prefix cache
     prefix_cache_hits: int  # of those, tokens found
@@ -346,6 +347,7 @@ class Scheduler:
             num_total_blocks=kv.num_blocks,
             num_used_blocks=kv.num_used_blocks,
             num_free_blocks=kv.num_free_blocks,
+            num_pinned_blocks=kv.num_pinned_blocks,
             kv_cache_usage=kv.usage,
             prefix_cache_queries=kv.prefix_cache_queries,
             prefix_cache_hits=kv.prefix_cache_hits,

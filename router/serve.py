@@ -24,6 +24,7 @@ from engine.loader import resolve_model_path
 from engine.tiny import TINY_MODEL_LABEL, TINY_MODEL_NAME
 from engine.tokenizer import load_tokenizer
 from kv_transfer.base import KVTransferConfig
+from kv_transfer.security import SECRET_ENV, load_secret
 from router.api import RouterConfig, build_app
 from router.auth import API_KEY_ENV, api_keys_from
 from router.backends.cluster import BackendConfig, ClusterBackend
@@ -32,6 +33,10 @@ from router.limits import RequestLimits
 from router.metrics import RouterMetrics
 
 logger = logging.getLogger(__name__)
+
+# KVTransferConfig fields that are not `--kv-*` flags: the transport has its own flag, the
+# secret comes from --kv-secret-file or the environment (never from the command line).
+_KV_NOT_FLAGS = ("transport", "secret")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,9 +123,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     group = parser.add_argument_group("kv transfer")
+    group.add_argument(
+        "--kv-secret-file",
+        default=None,
+        help=f"the cluster's KV channel secret (also ${SECRET_ENV}); default: a fresh one per "
+        "cluster. Pin it when workers outside this router's cluster must share it",
+    )
     hints = typing.get_type_hints(KVTransferConfig)
     for field in dataclasses.fields(KVTransferConfig):
-        if field.name != "transport":
+        if field.name not in _KV_NOT_FLAGS:
             group.add_argument(
                 "--kv-" + field.name.replace("_", "-"),
                 dest="kv_" + field.name,
@@ -133,8 +144,9 @@ def build_backend(args: argparse.Namespace, engine: EngineConfig) -> ClusterBack
     kv_fields = {
         f.name: getattr(args, "kv_" + f.name)
         for f in dataclasses.fields(KVTransferConfig)
-        if f.name != "transport"
+        if f.name not in _KV_NOT_FLAGS
     }
+    kv_fields["secret"] = load_secret(args.kv_secret_file)
     num_gpus = args.num_gpus_per_worker
     if num_gpus is None:
         num_gpus = 1.0 if engine.parallel.device.startswith("cuda") else 0.0
