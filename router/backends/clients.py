@@ -140,8 +140,12 @@ class WorkerClient:
         raise NotImplementedError
 
     def shutdown(self) -> None:
+        """Stop reading outputs; a stream still open on this worker ends with
+        ``WorkerDiedError`` (its request can resume elsewhere), never waits forever."""
         if self._reader is not None:
             self._reader.cancel()
+        for queue in self._queues.values():
+            queue.put_nowait(WorkerDiedError(f"{self.role} worker {self.worker_id} was shut down"))
 
     # -- streams -----------------------------------------------------------------------
 
