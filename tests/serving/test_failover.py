@@ -145,13 +145,19 @@ def test_prefill_worker_killed_mid_transfer(local_ray: None, offline: Offline) -
         _wait_replaced(server, pid)
 
 
-@pytest.mark.parametrize("num_decode", [1, 2], ids=["replacement", "survivor"])
+@pytest.mark.parametrize(
+    ("num_decode", "transport"),
+    [(1, "grpc"), (2, "grpc"), pytest.param(1, "nixl", marks=pytest.mark.slow)],
+    ids=["replacement", "survivor", "replacement-nixl"],
+)
 def test_decode_worker_killed_mid_decode(
-    local_ray: None, offline: Offline, num_decode: int
+    local_ray: None, offline: Offline, num_decode: int, transport: str
 ) -> None:
     """D dies while every stream is decoding: each resumes on another decode worker (the
-    survivor, or the replacement of the only one) after the tokens it already streamed."""
+    survivor, or the replacement of the only one, paired anew with P: with NIXL a new agent
+    and epoch) after the tokens it already streamed."""
     argv = ["--num-prefill", "1", "--num-decode", str(num_decode), "--health-interval-s", "1"]
+    argv += ["--transport", transport]
     with serve(argv) as server:
         long_prompts = [Stream(words(600 + i, 200), 160, GREEDY) for i in range(4)]
         short_prompts = [Stream(words(620 + i, 12), 160, GREEDY) for i in range(4)]
