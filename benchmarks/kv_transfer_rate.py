@@ -14,6 +14,13 @@ and acknowledged the request as complete. The same run, with the same payloads, 
 - ``nixl_contiguous``: NIXL's own WRITE of one contiguous registered buffer of the same size
   (described as one descriptor per layer's worth of bytes), no notification or verification:
   the ceiling for our descriptor lists;
+- ``nixl_*`` variants, to split the gap between ``nixl`` and ``nixl_contiguous``: each switches
+  one thing off (``NIXL_VARIANTS``): ``nixl_ordered_ids`` (destination ids ascending like the
+  source ids, so NIXL merges a layer's 256 K and 256 V regions into one each),
+  ``nixl_no_integrity`` (no CRC-32C on either side), ``nixl_inflight_1`` / ``_1024``
+  (``max_inflight_chunks``), ``nixl_progress_thread`` (NIXL's progress thread on), and
+  ``nixl_ordered_no_integrity`` (both big ones at once). Production defaults do not change;
+  the variants patch the benchmark's own processes;
 - ``local``: the in-process transport (pack + checksum + scatter, no wire);
 - ``memcpy``: one copy of the same number of bytes between two buffers (memory bandwidth);
 - ``checksum``: CRC-32C over the cache in place, the integrity cost per side.
@@ -38,7 +45,9 @@ import socket
 import sys
 import time
 import zlib
-from dataclasses import asdict, replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -49,6 +58,45 @@ from kv_transfer.base import ReceiverInfo
 from kv_transfer.layout import block_checksums, cache_layer_shape, gather_blocks, payload_bytes
 
 GB = 1e9
+
+
+@dataclass(frozen=True)
+class NixlVariant:
+    """What one ``nixl_*`` benchmark row switches off (diagnosis only, never a default)."""
+
+    ordered_ids: bool = False  # destination ids == source ids: adjacent regions merge
+    integrity: bool = True  # per-block CRC-32C on the sender and verification on the receiver
+    max_inflight_chunks: int | None = None  # None: the config's
+    progress_thread: bool = False  # NIXL's own UCX progress thread
+
+
+NIXL_VARIANTS = {
+    "nixl_ordered_ids": NixlVariant(ordered_ids=True),
+    "nixl_no_integrity": NixlVariant(integrity=False),
+    "nixl_inflight_1": NixlVariant(max_inflight_chunks=1),
+    "nixl_inflight_1024": NixlVariant(max_inflight_chunks=1024),
+    "nixl_progress_thread": NixlVariant(progress_thread=True),
+    "nixl_ordered_no_integrity": NixlVariant(ordered_ids=True, integrity=False),
+}
+
+
+@contextmanager
+def _patched(variant: NixlVariant) -> Iterator[None]:
+    """Apply a variant's process-wide switches (both the sender's and the receiver's side)."""
+    from kv_transfer import nixl_agent, receiver, sender
+
+    saved = (nixl_agent.PROGRESS_THREAD, sender.block_checksums, receiver.block_checksums)
+    nixl_agent.PROGRESS_THREAD = variant.progress_thread
+    if not variant.integrity:
+
+        def zeros(kv_layer: torch.Tensor, block_ids: list[int]) -> list[int]:
+            return [0] * len(block_ids)
+
+        sender.block_checksums = receiver.block_checksums = zeros
+    try:
+        yield
+    finally:
+        nixl_agent.PROGRESS_THREAD, sender.block_checksums, receiver.block_checksums = saved
 
 
 def _caches(layout: KVLayout, num_blocks: int, fill: bool) -> list[torch.Tensor]:
@@ -79,9 +127,21 @@ def _receiver_main(
     config: dict[str, Any],
     num_blocks: int,
     torch_threads: int,
+    variant: dict[str, Any],
 ) -> None:
     """Decode side: a receiver that reserves, waits and reports the CRC it holds."""
     torch.set_num_threads(torch_threads)
+    with _patched(NixlVariant(**variant)):
+        _serve_receiver(conn, transport, layout, config, num_blocks)
+
+
+def _serve_receiver(
+    conn: Connection,
+    transport: str,
+    layout: dict[str, Any],
+    config: dict[str, Any],
+    num_blocks: int,
+) -> None:
     caches = _caches(KVLayout(**layout), num_blocks, fill=False)
     receiver = get_transport(transport).create_receiver(
         caches,
@@ -124,11 +184,31 @@ def _bench_transport(
     config: KVTransferConfig,
     src: list[torch.Tensor],
     repeats: int,
+    variant: NixlVariant = NixlVariant(),
 ) -> list[float]:
     num_blocks = int(src[0].shape[1])
     block_ids = list(range(num_blocks))
-    dst_ids = block_ids[::-1]  # other block ids on the decode side (no two adjacent alike)
+    # Other block ids on the decode side, no two adjacent alike (the worst case for NIXL,
+    # which merges adjacent regions), unless the variant keeps them in order.
+    dst_ids = block_ids if variant.ordered_ids else block_ids[::-1]
     config = replace(config, transport=transport)
+    if variant.max_inflight_chunks is not None:
+        config = replace(config, max_inflight_chunks=variant.max_inflight_chunks)
+    with _patched(variant):
+        return _timed_transfers(transport, layout, config, src, repeats, dst_ids, variant)
+
+
+def _timed_transfers(
+    transport: str,
+    layout: KVLayout,
+    config: KVTransferConfig,
+    src: list[torch.Tensor],
+    repeats: int,
+    dst_ids: list[int],
+    variant: NixlVariant,
+) -> list[float]:
+    num_blocks = int(src[0].shape[1])
+    block_ids = list(range(num_blocks))
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
     process = context.Process(
@@ -140,6 +220,7 @@ def _bench_transport(
             asdict(config),
             num_blocks,
             torch.get_num_threads(),
+            asdict(variant),
         ),
     )
     process.start()
@@ -253,6 +334,15 @@ def bench_nixl(
     layout: KVLayout, config: KVTransferConfig, src: list[torch.Tensor], repeats: int
 ) -> list[float]:
     return _bench_transport("nixl", layout, config, src, repeats)
+
+
+def _nixl_variant_bench(variant: NixlVariant):
+    def bench(
+        layout: KVLayout, config: KVTransferConfig, src: list[torch.Tensor], repeats: int
+    ) -> list[float]:
+        return _bench_transport("nixl", layout, config, src, repeats, variant)
+
+    return bench
 
 
 def _nixl_contiguous_main(conn: Connection, nbytes: int, segment: int) -> None:
@@ -410,6 +500,7 @@ BENCHES = {
     "grpc_raw": bench_grpc_raw,
     "nixl": bench_nixl,
     "nixl_contiguous": bench_nixl_contiguous,
+    **{name: _nixl_variant_bench(variant) for name, variant in NIXL_VARIANTS.items()},
     "local": bench_local,
     "memcpy": bench_memcpy,
     "checksum": bench_checksum,
@@ -480,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         "grpc_raw_over_tcp": ("grpc_raw", "tcp"),
         "nixl_over_contiguous": ("nixl", "nixl_contiguous"),
         "nixl_over_tcp": ("nixl", "tcp"),
+        **{f"{name}_over_contiguous": (name, "nixl_contiguous") for name in NIXL_VARIANTS},
     }
     ratios = {
         key: results[a]["best_gbs"] / results[b]["best_gbs"]
