@@ -17,7 +17,10 @@ and acknowledged the request as complete. The same run, with the same payloads, 
 - ``nixl_*`` variants, to split the gap between ``nixl`` and ``nixl_contiguous``: each switches
   one thing off (``NIXL_VARIANTS``): ``nixl_ordered_ids`` (destination ids ascending like the
   source ids, so NIXL merges a layer's 256 K and 256 V regions into one each),
-  ``nixl_no_integrity`` (no CRC-32C on either side), ``nixl_inflight_1`` / ``_1024``
+  ``nixl_both_descending`` (source and destination ids both descending: merged once the
+  sender orders each WRITE's regions by destination), ``nixl_verify_on_poller`` (the decode
+  side verifies on its UCX-progressing poller thread, as before), ``nixl_no_integrity``
+  (no CRC-32C on either side), ``nixl_inflight_1`` / ``_1024``
   (``max_inflight_chunks``), ``nixl_progress_thread`` (NIXL's progress thread on), and
   ``nixl_ordered_no_integrity`` (both big ones at once). Production defaults do not change;
   the variants patch the benchmark's own processes;
@@ -65,6 +68,8 @@ class NixlVariant:
     """What one ``nixl_*`` benchmark row switches off (diagnosis only, never a default)."""
 
     ordered_ids: bool = False  # destination ids == source ids: adjacent regions merge
+    both_descending: bool = False  # source and destination ids both descending
+    verify_thread: bool = True  # False: the decode side verifies on its poller thread
     integrity: bool = True  # per-block CRC-32C on the sender and verification on the receiver
     max_inflight_chunks: int | None = None  # None: the config's
     progress_thread: bool = False  # NIXL's own UCX progress thread
@@ -72,6 +77,8 @@ class NixlVariant:
 
 NIXL_VARIANTS = {
     "nixl_ordered_ids": NixlVariant(ordered_ids=True),
+    "nixl_both_descending": NixlVariant(both_descending=True),
+    "nixl_verify_on_poller": NixlVariant(verify_thread=False),
     "nixl_no_integrity": NixlVariant(integrity=False),
     "nixl_inflight_1": NixlVariant(max_inflight_chunks=1),
     "nixl_inflight_1024": NixlVariant(max_inflight_chunks=1024),
@@ -83,10 +90,16 @@ NIXL_VARIANTS = {
 @contextmanager
 def _patched(variant: NixlVariant) -> Iterator[None]:
     """Apply a variant's process-wide switches (both the sender's and the receiver's side)."""
-    from kv_transfer import nixl_agent, receiver, sender
+    from kv_transfer import nixl_agent, nixl_receiver, receiver, sender
 
-    saved = (nixl_agent.PROGRESS_THREAD, sender.block_checksums, receiver.block_checksums)
+    saved = (
+        nixl_agent.PROGRESS_THREAD,
+        nixl_receiver.VERIFY_THREAD,
+        sender.block_checksums,
+        receiver.block_checksums,
+    )
     nixl_agent.PROGRESS_THREAD = variant.progress_thread
+    nixl_receiver.VERIFY_THREAD = variant.verify_thread
     if not variant.integrity:
 
         def zeros(kv_layer: torch.Tensor, block_ids: list[int]) -> list[int]:
@@ -96,7 +109,12 @@ def _patched(variant: NixlVariant) -> Iterator[None]:
     try:
         yield
     finally:
-        nixl_agent.PROGRESS_THREAD, sender.block_checksums, receiver.block_checksums = saved
+        (
+            nixl_agent.PROGRESS_THREAD,
+            nixl_receiver.VERIFY_THREAD,
+            sender.block_checksums,
+            receiver.block_checksums,
+        ) = saved
 
 
 def _caches(layout: KVLayout, num_blocks: int, fill: bool) -> list[torch.Tensor]:
@@ -191,11 +209,14 @@ def _bench_transport(
     # Other block ids on the decode side, no two adjacent alike (the worst case for NIXL,
     # which merges adjacent regions), unless the variant keeps them in order.
     dst_ids = block_ids if variant.ordered_ids else block_ids[::-1]
+    src_ids = block_ids[::-1] if variant.both_descending else block_ids
     config = replace(config, transport=transport)
     if variant.max_inflight_chunks is not None:
         config = replace(config, max_inflight_chunks=variant.max_inflight_chunks)
     with _patched(variant):
-        return _timed_transfers(transport, layout, config, src, repeats, dst_ids, variant)
+        return _timed_transfers(
+            transport, layout, config, src, repeats, (src_ids, dst_ids), variant
+        )
 
 
 def _timed_transfers(
@@ -204,11 +225,11 @@ def _timed_transfers(
     config: KVTransferConfig,
     src: list[torch.Tensor],
     repeats: int,
-    dst_ids: list[int],
+    ids: tuple[list[int], list[int]],  # source block ids, destination block ids
     variant: NixlVariant,
 ) -> list[float]:
     num_blocks = int(src[0].shape[1])
-    block_ids = list(range(num_blocks))
+    src_ids, dst_ids = ids
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
     process = context.Process(
@@ -227,7 +248,7 @@ def _timed_transfers(
     info = _recv_json(parent)
     sender = get_transport(transport).create_sender(src, config)
     sender.connect(ReceiverInfo(**info | {"metadata": bytes.fromhex(info["metadata"])}))
-    expected_crc = _cache_crc(src, block_ids)
+    expected_crc = _cache_crc(src, src_ids)
     seconds = []
     try:
         for i in range(repeats + 1):  # the first round warms up the channel
@@ -239,7 +260,7 @@ def _timed_transfers(
             start = time.perf_counter()
             sender.begin(target)
             for layer in range(layout.num_layers):
-                sender.send_layer(request_id, layer, block_ids, dst_ids)
+                sender.send_layer(request_id, layer, src_ids, dst_ids)
             result = sender.flush(request_id).result(timeout=300)
             elapsed = time.perf_counter() - start
             _send_json(parent, {"op": "verify", "request_id": request_id, "block_ids": dst_ids})

@@ -4,10 +4,13 @@
 ``<address>/<incarnation>`` (a fresh nanosecond clock per start, so a restarted decode worker
 is a new agent even at the same address), with every layer of the KV cache registered once.
 Its ``metadata`` (a ``NixlPeerInfo``) rides on ``ReceiverInfo`` and ``TransferTarget``. One
-thread ("kv-nixl-recv") reads the agent's notifications: hellos (load the prefill agent,
-check the layout), grants (is this reservation and epoch live?), each WRITE's ``KVChunk``
-(handed to ``KVReceiver.receive_timed``: reservation, epoch, layout, each block's checksum
-over the bytes that landed) and finishes (acknowledge once every write was verified).
+thread ("kv-nixl-recv") polls the agent, which also progresses UCX (over TCP, the incoming
+WRITEs' bytes are copied into the cache by these calls), and answers hellos (load the prefill
+agent, check the layout), grants (is this reservation and epoch live?) and quiesce messages
+itself. Each WRITE's ``KVChunk`` and each finish go, in arrival order, to a second thread
+("kv-nixl-verify"): ``KVReceiver.receive_timed`` (reservation, epoch, layout, each block's
+CRC-32C over the bytes that landed), then the acknowledgement once every write was verified.
+Verifying on the poller held up UCX's progress for ~85 ms per 512 MiB (RESULTS.md).
 ``revoke`` (a reservation dropped before completing) tells the request's writer to stop.
 
 Quarantine: a WRITE the writer posted before it learnt of the revoke can still land, so a
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -57,6 +61,10 @@ from kv_transfer.nixl_agent import (
 from kv_transfer.receiver import KVReceiver
 
 logger = logging.getLogger(__name__)
+
+# Verify writes on their own thread (False: on the poller, as before; the transfer benchmark
+# flips it in one variant to measure what that costs).
+VERIFY_THREAD = True
 
 
 @dataclass
@@ -105,6 +113,14 @@ class NixlEndpoint:
         self._writers: dict[str, set[tuple[str, int]]] = {}
         self._quarantine: dict[tuple[str, str, int], _Quarantine] = {}  # by (agent, id, epoch)
         self._stop = threading.Event()
+        # CHUNK and FINISH messages, in arrival order, for the verify thread (None: stop).
+        self._verify_jobs: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
+        self._verifier = None
+        if VERIFY_THREAD:
+            self._verifier = threading.Thread(
+                target=self._verify, name="kv-nixl-verify", daemon=True
+            )
+            self._verifier.start()
         self._thread = threading.Thread(target=self._run, name="kv-nixl-recv", daemon=True)
         self._thread.start()
         logger.info("NIXL KV receiver %s (agent %s)", self.address, self._agent.name)
@@ -141,6 +157,9 @@ class NixlEndpoint:
             return
         self._stop.set()
         self._thread.join()
+        if self._verifier is not None:
+            self._verify_jobs.put(None)
+            self._verifier.join()
         self._agent.close()
         with self._writers_lock:  # the cache is going away with the agent
             held, self._quarantine = list(self._quarantine.values()), {}
@@ -159,10 +178,20 @@ class NixlEndpoint:
                 continue
             for sender, messages in notifications.items():
                 for message in messages:
-                    try:
-                        self._handle(peer_name(sender), message)
-                    except Exception:  # a bad message must not stop the receiver
-                        logger.exception("NIXL notification from %s dropped", sender)
+                    if self._verifier is not None and message[:1] in (CHUNK, FINISH):
+                        self._verify_jobs.put((peer_name(sender), message))
+                    else:
+                        self._handle_logged(peer_name(sender), message)
+
+    def _verify(self) -> None:
+        while (job := self._verify_jobs.get()) is not None:
+            self._handle_logged(*job)
+
+    def _handle_logged(self, sender: str, message: bytes) -> None:
+        try:
+            self._handle(sender, message)
+        except Exception:  # a bad message must not stop the receiver
+            logger.exception("NIXL notification from %s dropped", sender)
 
     def _handle(self, sender: str, message: bytes) -> None:
         kind, body = message[:1], message[1:]

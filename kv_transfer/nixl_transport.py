@@ -146,12 +146,15 @@ class _NixlStream(ChunkStream):
         if self.num_chunks == 0:
             self._wait_granted()
         opener, agent = self._opener, self._opener.agent.agent
+        # In destination order: NIXL merges a run of regions adjacent on both sides into one
+        # descriptor (a layer of ascending blocks is 2 descriptors, not 2 per block).
+        pairs = sorted(zip(chunk.block_ids, src_block_ids, strict=True))
         handle = agent.make_prepped_xfer(
             "WRITE",
             opener.local_regions,
-            region_indices(chunk.layer, src_block_ids, opener.agent.num_blocks),
+            region_indices(chunk.layer, [src for _, src in pairs], opener.agent.num_blocks),
             self._peer.remote_regions,
-            region_indices(chunk.layer, chunk.block_ids, self._peer.info.num_blocks),
+            region_indices(chunk.layer, [dst for dst, _ in pairs], self._peer.info.num_blocks),
             CHUNK + grpc_codec.encode_chunk(chunk),
         )
         with self.lock:
