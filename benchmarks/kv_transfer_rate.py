@@ -548,6 +548,20 @@ def main(argv: list[str] | None = None) -> int:
         "--only", nargs="*", choices=list(BENCHES), help="run only these (default: all)"
     )
     parser.add_argument(
+        "--sweep-chunk-kb",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also run grpc and grpc_raw at each of these message payload sizes ...",
+    )
+    parser.add_argument(
+        "--sweep-streams",
+        type=int,
+        nargs="*",
+        default=[],
+        help="... and each of these stream counts (rows named grpc@<kb>k/<n>s)",
+    )
+    parser.add_argument(
         "--torch-threads",
         type=int,
         default=1,
@@ -587,6 +601,20 @@ def main(argv: list[str] | None = None) -> int:
         best = min(seconds)
         results[name] = {"seconds": seconds, "best_gbs": nbytes / best / GB}
         print(f"  {name:>15}: {nbytes / best / GB:6.2f} GB/s best, {seconds=}")
+    for chunk_kb in args.sweep_chunk_kb:
+        for streams in args.sweep_streams:
+            swept = replace(
+                config,
+                chunk_bytes=chunk_kb << 10,
+                num_streams=streams,
+                max_message_bytes=max(config.max_message_bytes, (chunk_kb << 10) + (2 << 20)),
+            )
+            for name in ("grpc_raw", "grpc"):
+                seconds = BENCHES[name](layout, swept, src, args.repeats)
+                best = min(seconds)
+                row = f"{name}@{chunk_kb}k/{streams}s"
+                results[row] = {"seconds": seconds, "best_gbs": nbytes / best / GB}
+                print(f"  {row:>15}: {nbytes / best / GB:6.2f} GB/s best, {seconds=}")
     ratios = {
         "grpc_over_tcp": ("grpc", "tcp"),
         "grpc_raw_over_tcp": ("grpc_raw", "tcp"),

@@ -218,7 +218,11 @@ class KVReceiver:
         return CancelledReservation(request_id, reservation.block_ids, safe or _resolved())
 
     def expire(self, now: float | None = None) -> list[str]:
-        """Drop incomplete reservations whose lease ended (``time.monotonic()`` clock)."""
+        """Drop incomplete reservations whose lease ended (``time.monotonic()`` clock).
+
+        Their writers are revoked, but a caller that frees blocks should ``cancel`` each
+        reservation instead (the decode worker does, after its engine's own lease expiry):
+        only ``cancel`` hands back the future that says when the blocks are safe."""
         expired = self._table.expire(now)
         if expired:
             logger.warning("KV reservations expired before completing: %s", expired)
