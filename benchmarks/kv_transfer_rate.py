@@ -539,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-kb", type=int, default=1024, help="payload per gRPC message")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (after a warm-up)")
     parser.add_argument(
+        "--rounds", type=int, default=1, help="run every row this many times, interleaved"
+    )
+    parser.add_argument(
         "--grpc-streams",
         type=int,
         default=KVTransferConfig.num_streams,
@@ -594,13 +597,18 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     results: dict[str, Any] = {}
-    for name, bench in BENCHES.items():
-        if args.only and name not in args.only:
-            continue
-        seconds = bench(layout, config, src, args.repeats)
-        best = min(seconds)
-        results[name] = {"seconds": seconds, "best_gbs": nbytes / best / GB}
-        print(f"  {name:>15}: {nbytes / best / GB:6.2f} GB/s best, {seconds=}")
+    # Rounds interleave the rows (A B C, A B C, ...): on a shared machine the load drifts
+    # over minutes, and each row's best then comes from the same stretch of time.
+    for _ in range(args.rounds):
+        for name, bench in BENCHES.items():
+            if args.only and name not in args.only:
+                continue
+            seconds = results.get(name, {}).get("seconds", []) + bench(
+                layout, config, src, args.repeats
+            )
+            best = min(seconds)
+            results[name] = {"seconds": seconds, "best_gbs": nbytes / best / GB}
+            print(f"  {name:>15}: {nbytes / best / GB:6.2f} GB/s best, {seconds=}")
     for chunk_kb in args.sweep_chunk_kb:
         for streams in args.sweep_streams:
             swept = replace(
