@@ -515,6 +515,7 @@ def bench_local(
     return seconds
 
 
+GRPC = ("grpc_raw", "grpc")  # the rows --sweep-chunk-kb x --sweep-streams repeats
 BENCHES = {
     "tcp": bench_tcp,
     "grpc": bench_grpc,
@@ -573,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
+    selected = set(args.only) if args.only is not None else set(BENCHES)
     torch.set_num_threads(args.torch_threads)
 
     layout = KVLayout(
@@ -596,19 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         f"load average {os.getloadavg()[0]:.1f}"
     )
 
-    results: dict[str, Any] = {}
-    # Rounds interleave the rows (A B C, A B C, ...): on a shared machine the load drifts
-    # over minutes, and each row's best then comes from the same stretch of time.
-    for _ in range(args.rounds):
-        for name, bench in BENCHES.items():
-            if args.only and name not in args.only:
-                continue
-            seconds = results.get(name, {}).get("seconds", []) + bench(
-                layout, config, src, args.repeats
-            )
-            best = min(seconds)
-            results[name] = {"seconds": seconds, "best_gbs": nbytes / best / GB}
-            print(f"  {name:>15}: {nbytes / best / GB:6.2f} GB/s best, {seconds=}")
+    rows = [(name, bench, config) for name, bench in BENCHES.items() if name in selected]
     for chunk_kb in args.sweep_chunk_kb:
         for streams in args.sweep_streams:
             swept = replace(
@@ -617,12 +607,18 @@ def main(argv: list[str] | None = None) -> int:
                 num_streams=streams,
                 max_message_bytes=max(config.max_message_bytes, (chunk_kb << 10) + (2 << 20)),
             )
-            for name in ("grpc_raw", "grpc"):
-                seconds = BENCHES[name](layout, swept, src, args.repeats)
-                best = min(seconds)
-                row = f"{name}@{chunk_kb}k/{streams}s"
-                results[row] = {"seconds": seconds, "best_gbs": nbytes / best / GB}
-                print(f"  {row:>15}: {nbytes / best / GB:6.2f} GB/s best, {seconds=}")
+            rows += [(f"{name}@{chunk_kb}k/{streams}s", BENCHES[name], swept) for name in GRPC]
+    results: dict[str, Any] = {}
+    # Rounds interleave the rows (A B C, A B C, ...): on a shared machine the load drifts
+    # over minutes, and each row's best then comes from the same stretch of time.
+    for _ in range(args.rounds):
+        for name, bench, row_config in rows:
+            seconds = results.get(name, {}).get("seconds", []) + bench(
+                layout, row_config, src, args.repeats
+            )
+            best = min(seconds)
+            results[name] = {"seconds": seconds, "best_gbs": nbytes / best / GB}
+            print(f"  {name:>15}: {nbytes / best / GB:6.2f} GB/s best, {seconds=}")
     ratios = {
         "grpc_over_tcp": ("grpc", "tcp"),
         "grpc_raw_over_tcp": ("grpc_raw", "tcp"),
