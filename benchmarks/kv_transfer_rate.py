@@ -16,6 +16,16 @@ and acknowledged the request as complete. The same run, with the same payloads, 
 - ``nixl_contiguous``: NIXL's own WRITE of one contiguous registered buffer of the same size
   (described as one descriptor per layer's worth of bytes), no notification or verification:
   the ceiling for our descriptor lists;
+- ``nixl_*`` variants, to split the gap between ``nixl`` and ``nixl_contiguous``: each switches
+  one thing off (``NIXL_VARIANTS``): ``nixl_ordered_ids`` (destination ids ascending like the
+  source ids, so NIXL merges a layer's 256 K and 256 V regions into one each),
+  ``nixl_both_descending`` (source and destination ids both descending: merged once the
+  sender orders each WRITE's regions by destination), ``nixl_verify_on_poller`` (the decode
+  side verifies on its UCX-progressing poller thread, as before), ``nixl_no_integrity``
+  (no CRC-32C on either side), ``nixl_inflight_1`` / ``_1024``
+  (``max_inflight_chunks``), ``nixl_progress_thread`` (NIXL's progress thread on), and
+  ``nixl_ordered_no_integrity`` (both big ones at once). Production defaults do not change;
+  the variants patch the benchmark's own processes;
 - ``local``: the in-process transport (pack + checksum + scatter, no wire);
 - ``memcpy``: one copy of the same number of bytes between two buffers (memory bandwidth);
 - ``checksum``: CRC-32C over the cache in place, the integrity cost per side.
@@ -42,7 +52,9 @@ import sys
 import tempfile
 import time
 import zlib
-from dataclasses import asdict, replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -54,6 +66,60 @@ from kv_transfer.layout import block_checksums, cache_layer_shape, gather_blocks
 from kv_transfer.security import write_self_signed_tls
 
 GB = 1e9
+
+
+@dataclass(frozen=True)
+class NixlVariant:
+    """What one ``nixl_*`` benchmark row switches off (diagnosis only, never a default)."""
+
+    ordered_ids: bool = False  # destination ids == source ids: adjacent regions merge
+    both_descending: bool = False  # source and destination ids both descending
+    verify_thread: bool = True  # False: the decode side verifies on its poller thread
+    integrity: bool = True  # per-block CRC-32C on the sender and verification on the receiver
+    max_inflight_chunks: int | None = None  # None: the config's
+    progress_thread: bool = False  # NIXL's own UCX progress thread
+
+
+NIXL_VARIANTS = {
+    "nixl_ordered_ids": NixlVariant(ordered_ids=True),
+    "nixl_both_descending": NixlVariant(both_descending=True),
+    "nixl_verify_on_poller": NixlVariant(verify_thread=False),
+    "nixl_no_integrity": NixlVariant(integrity=False),
+    "nixl_inflight_1": NixlVariant(max_inflight_chunks=1),
+    "nixl_inflight_1024": NixlVariant(max_inflight_chunks=1024),
+    "nixl_progress_thread": NixlVariant(progress_thread=True),
+    "nixl_ordered_no_integrity": NixlVariant(ordered_ids=True, integrity=False),
+}
+
+
+@contextmanager
+def _patched(variant: NixlVariant) -> Iterator[None]:
+    """Apply a variant's process-wide switches (both the sender's and the receiver's side)."""
+    from kv_transfer import nixl_agent, nixl_receiver, receiver, sender
+
+    saved = (
+        nixl_agent.PROGRESS_THREAD,
+        nixl_receiver.VERIFY_THREAD,
+        sender.block_checksums,
+        receiver.block_checksums,
+    )
+    nixl_agent.PROGRESS_THREAD = variant.progress_thread
+    nixl_receiver.VERIFY_THREAD = variant.verify_thread
+    if not variant.integrity:
+
+        def zeros(kv_layer: torch.Tensor, block_ids: list[int]) -> list[int]:
+            return [0] * len(block_ids)
+
+        sender.block_checksums = receiver.block_checksums = zeros
+    try:
+        yield
+    finally:
+        (
+            nixl_agent.PROGRESS_THREAD,
+            nixl_receiver.VERIFY_THREAD,
+            sender.block_checksums,
+            receiver.block_checksums,
+        ) = saved
 
 
 def _caches(layout: KVLayout, num_blocks: int, fill: bool) -> list[torch.Tensor]:
@@ -84,9 +150,21 @@ def _receiver_main(
     config: dict[str, Any],
     num_blocks: int,
     torch_threads: int,
+    variant: dict[str, Any],
 ) -> None:
     """Decode side: a receiver that reserves, waits and reports the CRC it holds."""
     torch.set_num_threads(torch_threads)
+    with _patched(NixlVariant(**variant)):
+        _serve_receiver(conn, transport, layout, config, num_blocks)
+
+
+def _serve_receiver(
+    conn: Connection,
+    transport: str,
+    layout: dict[str, Any],
+    config: dict[str, Any],
+    num_blocks: int,
+) -> None:
     caches = _caches(KVLayout(**layout), num_blocks, fill=False)
     receiver = get_transport(transport).create_receiver(
         caches,
@@ -129,11 +207,34 @@ def _bench_transport(
     config: KVTransferConfig,
     src: list[torch.Tensor],
     repeats: int,
+    variant: NixlVariant = NixlVariant(),
 ) -> list[float]:
     num_blocks = int(src[0].shape[1])
     block_ids = list(range(num_blocks))
-    dst_ids = block_ids[::-1]  # other block ids on the decode side (no two adjacent alike)
+    # Other block ids on the decode side, no two adjacent alike (the worst case for NIXL,
+    # which merges adjacent regions), unless the variant keeps them in order.
+    dst_ids = block_ids if variant.ordered_ids else block_ids[::-1]
+    src_ids = block_ids[::-1] if variant.both_descending else block_ids
     config = replace(config, transport=transport)
+    if variant.max_inflight_chunks is not None:
+        config = replace(config, max_inflight_chunks=variant.max_inflight_chunks)
+    with _patched(variant):
+        return _timed_transfers(
+            transport, layout, config, src, repeats, (src_ids, dst_ids), variant
+        )
+
+
+def _timed_transfers(
+    transport: str,
+    layout: KVLayout,
+    config: KVTransferConfig,
+    src: list[torch.Tensor],
+    repeats: int,
+    ids: tuple[list[int], list[int]],  # source block ids, destination block ids
+    variant: NixlVariant,
+) -> list[float]:
+    num_blocks = int(src[0].shape[1])
+    src_ids, dst_ids = ids
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
     process = context.Process(
@@ -145,13 +246,14 @@ def _bench_transport(
             asdict(config),
             num_blocks,
             torch.get_num_threads(),
+            asdict(variant),
         ),
     )
     process.start()
     info = _recv_json(parent)
     sender = get_transport(transport).create_sender(src, config)
     sender.connect(ReceiverInfo(**info | {"metadata": bytes.fromhex(info["metadata"])}))
-    expected_crc = _cache_crc(src, block_ids)
+    expected_crc = _cache_crc(src, src_ids)
     seconds = []
     try:
         for i in range(repeats + 1):  # the first round warms up the channel
@@ -163,7 +265,7 @@ def _bench_transport(
             start = time.perf_counter()
             sender.begin(target)
             for layer in range(layout.num_layers):
-                sender.send_layer(request_id, layer, block_ids, dst_ids)
+                sender.send_layer(request_id, layer, src_ids, dst_ids)
             result = sender.flush(request_id).result(timeout=300)
             elapsed = time.perf_counter() - start
             _send_json(parent, {"op": "verify", "request_id": request_id, "block_ids": dst_ids})
@@ -267,6 +369,15 @@ def bench_nixl(
     layout: KVLayout, config: KVTransferConfig, src: list[torch.Tensor], repeats: int
 ) -> list[float]:
     return _bench_transport("nixl", layout, config, src, repeats)
+
+
+def _nixl_variant_bench(variant: NixlVariant):
+    def bench(
+        layout: KVLayout, config: KVTransferConfig, src: list[torch.Tensor], repeats: int
+    ) -> list[float]:
+        return _bench_transport("nixl", layout, config, src, repeats, variant)
+
+    return bench
 
 
 def _nixl_contiguous_main(conn: Connection, nbytes: int, segment: int) -> None:
@@ -418,6 +529,7 @@ def bench_local(
     return seconds
 
 
+GRPC = ("grpc_raw", "grpc")  # the rows --sweep-chunk-kb x --sweep-streams repeats
 BENCHES = {
     "tcp": bench_tcp,
     "grpc": bench_grpc,
@@ -425,6 +537,7 @@ BENCHES = {
     "grpc_raw": bench_grpc_raw,
     "nixl": bench_nixl,
     "nixl_contiguous": bench_nixl_contiguous,
+    **{name: _nixl_variant_bench(variant) for name, variant in NIXL_VARIANTS.items()},
     "local": bench_local,
     "memcpy": bench_memcpy,
     "checksum": bench_checksum,
@@ -442,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-kb", type=int, default=1024, help="payload per gRPC message")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (after a warm-up)")
     parser.add_argument(
+        "--rounds", type=int, default=1, help="run every row this many times, interleaved"
+    )
+    parser.add_argument(
         "--grpc-streams",
         type=int,
         default=KVTransferConfig.num_streams,
@@ -449,6 +565,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only", nargs="*", choices=list(BENCHES), help="run only these (default: all)"
+    )
+    parser.add_argument(
+        "--sweep-chunk-kb",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also run grpc and grpc_raw at each of these message payload sizes ...",
+    )
+    parser.add_argument(
+        "--sweep-streams",
+        type=int,
+        nargs="*",
+        default=[],
+        help="... and each of these stream counts (rows named grpc@<kb>k/<n>s)",
     )
     parser.add_argument(
         "--torch-threads",
@@ -459,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
+    selected = set(args.only) if args.only is not None else set(BENCHES)
     torch.set_num_threads(args.torch_threads)
 
     layout = KVLayout(
@@ -482,20 +613,34 @@ def main(argv: list[str] | None = None) -> int:
         f"load average {os.getloadavg()[0]:.1f}"
     )
 
+    rows = [(name, bench, config) for name, bench in BENCHES.items() if name in selected]
+    for chunk_kb in args.sweep_chunk_kb:
+        for streams in args.sweep_streams:
+            swept = replace(
+                config,
+                chunk_bytes=chunk_kb << 10,
+                num_streams=streams,
+                max_message_bytes=max(config.max_message_bytes, (chunk_kb << 10) + (2 << 20)),
+            )
+            rows += [(f"{name}@{chunk_kb}k/{streams}s", BENCHES[name], swept) for name in GRPC]
     results: dict[str, Any] = {}
-    for name, bench in BENCHES.items():
-        if args.only and name not in args.only:
-            continue
-        seconds = bench(layout, config, src, args.repeats)
-        best = min(seconds)
-        results[name] = {"seconds": seconds, "best_gbs": nbytes / best / GB}
-        print(f"  {name:>15}: {nbytes / best / GB:6.2f} GB/s best, {seconds=}")
+    # Rounds interleave the rows (A B C, A B C, ...): on a shared machine the load drifts
+    # over minutes, and each row's best then comes from the same stretch of time.
+    for _ in range(args.rounds):
+        for name, bench, row_config in rows:
+            seconds = results.get(name, {}).get("seconds", []) + bench(
+                layout, row_config, src, args.repeats
+            )
+            best = min(seconds)
+            results[name] = {"seconds": seconds, "best_gbs": nbytes / best / GB}
+            print(f"  {name:>15}: {nbytes / best / GB:6.2f} GB/s best, {seconds=}")
     ratios = {
         "grpc_over_tcp": ("grpc", "tcp"),
         "grpc_tls_over_grpc": ("grpc_tls", "grpc"),
         "grpc_raw_over_tcp": ("grpc_raw", "tcp"),
         "nixl_over_contiguous": ("nixl", "nixl_contiguous"),
         "nixl_over_tcp": ("nixl", "tcp"),
+        **{f"{name}_over_contiguous": (name, "nixl_contiguous") for name in NIXL_VARIANTS},
     }
     ratios = {
         key: results[a]["best_gbs"] / results[b]["best_gbs"]

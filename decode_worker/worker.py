@@ -15,6 +15,10 @@ Lifecycle of a disaggregated request on this worker:
    running batch with the first token the prefill worker sampled. A failed or expired
    transfer ends the stream with ``KVTransferFailedError``.
 3. ``abort`` works at any point; finished requests free their blocks into the prefix cache.
+   A reservation dropped before its KV landed (abort, lease, failed transfer) may still
+   receive a one-sided writer's posted WRITEs (NIXL): its blocks stay pinned until the
+   receiver says no write can land any more (``CancelledReservation.safe``), so late bytes
+   never reach a block reused by another request.
 
 ``generate`` serves a request entirely here (local prefill: conditional disaggregation, and
 ``--colocated``). Deltas of both leave through ``outputs``, batched per engine step.
@@ -190,15 +194,30 @@ class DecodeWorker(EngineWorker):
         await self.run(lambda e: self._release(e, request_id))
 
     def _release(self, engine: LLMEngine, request_id: str) -> None:
-        self.receiver.cancel(request_id)
+        self._cancel_kv(engine, request_id)
         engine.abort_request(request_id)
+
+    def _cancel_kv(self, engine: LLMEngine, request_id: str) -> None:
+        """Loop thread: drop the receiver's reservation; blocks a writer may still reach stay
+        pinned (out of the free pool) until the receiver says they are safe."""
+        cancelled = self.receiver.cancel(request_id)
+        if cancelled is None or not cancelled.quarantined:
+            return
+        block_ids = list(cancelled.block_ids)
+        engine.pin_blocks(block_ids)
+        logger.info("blocks of %s quarantined until its writer stops", request_id)
+        cancelled.safe.add_done_callback(
+            lambda _: self.loop.call(lambda e: e.unpin_blocks(block_ids))
+        )
 
     def _on_step(self, engine: LLMEngine) -> None:
         """The lease: reservations nobody turned into a decode in time give their blocks
         back; a decode still waiting for their KV gets ``KVTransferFailedError``."""
         for request_id in engine.expire_reservations(time.monotonic()):
             logger.warning("reservation of %s expired: freeing its blocks", request_id)
-            self.receiver.cancel(request_id)  # resolves a waiting decode's future
+            # Same loop thread as the expiry, nothing allocated in between: blocks a
+            # writer may still reach are pinned again before anyone can take them.
+            self._cancel_kv(engine, request_id)  # resolves a waiting decode's future
 
     def shutdown(self) -> None:
         super().shutdown()

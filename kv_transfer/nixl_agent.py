@@ -26,9 +26,16 @@ HANDSHAKE_TIMEOUT_S = 10.0
 # UCX: the agents run without NIXL's progress thread, which spins a core) and when idle.
 ACTIVE_POLL_S = 0.0002
 IDLE_POLL_S = 0.002
+# NIXL's own progress thread: off in production (see NixlAgent); the transfer benchmark
+# turns it on in one variant to measure what progressing UCX from our pollers costs.
+PROGRESS_THREAD = False
+# How long a decode worker keeps a revoked reservation's blocks out of reuse when its writer
+# does not confirm that it stopped (a dead prefill worker): its posted WRITEs either landed
+# or died with its connection by then.
+QUARANTINE_GRACE_S = 10.0
 # Notification kinds (see kv_transfer.nixl_transport for the protocol).
 HELLO, HELLO_REPLY, GRANT, GRANT_REPLY = b"H", b"h", b"G", b"g"
-CHUNK, FINISH, ACK, ERROR, REVOKE = b"C", b"F", b"A", b"E", b"R"
+CHUNK, FINISH, ACK, ERROR, REVOKE, QUIESCED = b"C", b"F", b"A", b"E", b"R", b"Q"
 ERRORS_BY_NAME = {
     cls.__name__: cls
     for cls in (KVTransferError, *KVTransferError.__subclasses__())  # one level: all of them
@@ -82,7 +89,7 @@ class NixlAgent:
         config = nixl_agent_config(
             # No progress thread: NIXL runs it without a delay, so it takes ~20% of a core
             # even when idle, from the engine on a CPU worker; our pollers progress UCX.
-            enable_prog_thread=False,
+            enable_prog_thread=PROGRESS_THREAD,
             backends=["UCX"],
             sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,
         )

@@ -4,24 +4,38 @@
 ``<address>/<incarnation>`` (a fresh nanosecond clock per start, so a restarted decode worker
 is a new agent even at the same address), with every layer of the KV cache registered once.
 Its ``metadata`` (a ``NixlPeerInfo``) rides on ``ReceiverInfo`` and ``TransferTarget``. One
-thread ("kv-nixl-recv") reads the agent's notifications: hellos (load the prefill agent,
-check the layout), grants (is this reservation and epoch live?), each WRITE's ``KVChunk``
-(handed to ``KVReceiver.receive_timed``: reservation, epoch, layout, each block's checksum
-over the bytes that landed) and finishes (acknowledge once every write was verified).
+thread ("kv-nixl-recv") polls the agent, which also progresses UCX (over TCP, the incoming
+WRITEs' bytes are copied into the cache by these calls), and answers hellos (load the prefill
+agent, check the layout), grants (is this reservation and epoch live?) and quiesce messages
+itself. Each WRITE's ``KVChunk`` and each finish go, in arrival order, to a second thread
+("kv-nixl-verify"): ``KVReceiver.receive_timed`` (reservation, epoch, layout, each block's
+CRC-32C over the bytes that landed), then the acknowledgement once every write was verified.
+Verifying on the poller held up UCX's progress for ~85 ms per 512 MiB (RESULTS.md).
 ``revoke`` (a reservation dropped before completing) tells the request's writer to stop.
 With a cluster secret, a hello or grant without this cluster's authenticator is refused
 (the hello's agent is not loaded, the grant not given) and notifications from agents that
 did not pair are dropped (see ``kv_transfer.nixl_transport``).
+
+Quarantine: a WRITE the writer posted before it learnt of the revoke can still land, so a
+revoked reservation's blocks are not safe to reuse when ``revoke`` returns. For each writer
+granted and not yet finished, ``revoke`` sends ``R`` and returns a future that the poller
+resolves when the writer answers ``Q`` (it is fenced and none of its WRITEs is in flight any
+more), or ``QUARANTINE_GRACE_S`` after the revoke when no answer comes (the prefill worker
+died: what it posted landed or died with its connection meanwhile; logged). A reservation
+without a live writer (never granted, or every write notified) is safe at once: a grant
+asked for after the cancel is refused, and a WRITE's notification comes after its bytes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +59,8 @@ from kv_transfer.nixl_agent import (
     HELLO,
     HELLO_REPLY,
     IDLE_POLL_S,
+    QUARANTINE_GRACE_S,
+    QUIESCED,
     REVOKE,
     NixlAgent,
     NixlPeerInfo,
@@ -54,6 +70,10 @@ from kv_transfer.nixl_agent import (
 from kv_transfer.receiver import KVReceiver
 
 logger = logging.getLogger(__name__)
+
+# Verify writes on their own thread (False: on the poller, as before; the transfer benchmark
+# flips it in one variant to measure what that costs).
+VERIFY_THREAD = True
 
 
 @dataclass
@@ -66,6 +86,14 @@ class _Incoming:
     verify_s: float = 0.0
     expected_chunks: int | None = None  # set by F
     error: KVTransferError | None = None
+
+
+@dataclass
+class _Quarantine:
+    """A revoked writer whose posted WRITEs may still land in the reservation's blocks."""
+
+    safe: Future[None]  # resolved by its "Q", or at the deadline
+    deadline: float  # time.monotonic(): released without the writer's word
 
 
 class NixlEndpoint:
@@ -97,42 +125,90 @@ class NixlEndpoint:
         self._peers: set[str] = set()
         self._incoming: dict[tuple[str, str, int], _Incoming] = {}
         self._writers_lock = threading.Lock()
-        self._writers: dict[str, tuple[str, int]] = {}  # request id -> (prefill agent, epoch)
+        # request id -> the (prefill agent, epoch) granted and not finished: more than one
+        # when a stale grant races a new reservation's.
+        self._writers: dict[str, set[tuple[str, int]]] = {}
+        self._quarantine: dict[tuple[str, str, int], _Quarantine] = {}  # by (agent, id, epoch)
         self._stop = threading.Event()
+        # CHUNK and FINISH messages, in arrival order, for the verify thread (None: stop).
+        self._verify_jobs: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
+        self._verifier = None
+        if VERIFY_THREAD:
+            self._verifier = threading.Thread(
+                target=self._verify, name="kv-nixl-verify", daemon=True
+            )
+            self._verifier.start()
         self._thread = threading.Thread(target=self._run, name="kv-nixl-recv", daemon=True)
         self._thread.start()
         logger.info("NIXL KV receiver %s (agent %s)", self.address, self._agent.name)
 
-    def revoke(self, request_id: str) -> None:
+    def revoke(self, request_id: str) -> Future[None] | None:
+        """Fence the request's writers; the future resolves once their WRITEs cannot land."""
+        deadline = time.monotonic() + QUARANTINE_GRACE_S
         with self._writers_lock:
-            writer = self._writers.pop(request_id, None)
-        if writer is not None:
-            sender, epoch = writer
-            self._agent.agent.send_notif(
-                sender, encode_message(REVOKE, request_id=request_id, epoch=epoch)
-            )
+            writers = self._writers.pop(request_id, set())
+            held = []
+            for sender, epoch in writers:
+                key = (sender, request_id, epoch)
+                held.append(self._quarantine.setdefault(key, _Quarantine(Future(), deadline)))
+        for sender, epoch in writers:
+            try:
+                self._agent.agent.send_notif(
+                    sender, encode_message(REVOKE, request_id=request_id, epoch=epoch)
+                )
+            except Exception:  # the writer is gone: its quarantine ends at the grace period
+                logger.warning("cannot tell writer %s to stop %r", sender, request_id, exc_info=1)
+        if not held:
+            return None
+        if len(held) == 1:
+            return held[0].safe
+        return _all_of([q.safe for q in held])
+
+    @property
+    def num_quarantined(self) -> int:
+        with self._writers_lock:
+            return len(self._quarantine)
 
     def close(self) -> None:
         if self._stop.is_set():
             return
         self._stop.set()
         self._thread.join()
+        if self._verifier is not None:
+            self._verify_jobs.put(None)
+            self._verifier.join()
         self._agent.close()
+        with self._writers_lock:  # the cache is going away with the agent
+            held, self._quarantine = list(self._quarantine.values()), {}
+        for quarantine in held:
+            _resolve(quarantine.safe)
 
     def _run(self) -> None:
         agent = self._agent.agent
         while not self._stop.is_set():
             notifications = agent.get_new_notifs()  # also progresses UCX (incoming WRITEs)
+            if self._quarantine:
+                self._release_overdue()
             if not notifications:
-                expecting = self._receiver.num_reservations > 0
+                expecting = self._receiver.num_reservations > 0 or bool(self._quarantine)
                 time.sleep(ACTIVE_POLL_S if expecting else IDLE_POLL_S)
                 continue
             for sender, messages in notifications.items():
                 for message in messages:
-                    try:
-                        self._handle(peer_name(sender), message)
-                    except Exception:  # a bad message must not stop the receiver
-                        logger.exception("NIXL notification from %s dropped", sender)
+                    if self._verifier is not None and message[:1] in (CHUNK, FINISH):
+                        self._verify_jobs.put((peer_name(sender), message))
+                    else:
+                        self._handle_logged(peer_name(sender), message)
+
+    def _verify(self) -> None:
+        while (job := self._verify_jobs.get()) is not None:
+            self._handle_logged(*job)
+
+    def _handle_logged(self, sender: str, message: bytes) -> None:
+        try:
+            self._handle(sender, message)
+        except Exception:  # a bad message must not stop the receiver
+            logger.exception("NIXL notification from %s dropped", sender)
 
     def _handle(self, sender: str, message: bytes) -> None:
         kind, body = message[:1], message[1:]
@@ -150,6 +226,13 @@ class NixlEndpoint:
             self._maybe_ack(key)
         elif kind == GRANT:
             self._on_grant(sender, json.loads(body))
+        elif kind == QUIESCED:
+            fields = json.loads(body)
+            with self._writers_lock:
+                key = (sender, fields["request_id"], fields["epoch"])
+                quarantine = self._quarantine.pop(key, None)
+            if quarantine is not None:  # None: released at its deadline already
+                _resolve(quarantine.safe)
         elif kind == HELLO:
             self._on_hello(sender, json.loads(body))
         else:
@@ -193,12 +276,10 @@ class NixlEndpoint:
                     f"grant of {request_id!r} from {sender}: wrong KV authenticator"
                 )
             with self._writers_lock:  # recorded first: a cancel from now on revokes it
-                self._writers[request_id] = (sender, epoch)
+                self._writers.setdefault(request_id, set()).add((sender, epoch))
             self._receiver.check_epoch(request_id, epoch)
         except KVTransferError as refused:
-            with self._writers_lock:
-                if self._writers.get(request_id) == (sender, epoch):
-                    del self._writers[request_id]
+            self._forget_writer(request_id, sender, epoch)
             error = type(refused).__name__
             fields["message"] = str(refused)
         reply = encode_message(
@@ -242,9 +323,7 @@ class NixlEndpoint:
             return
         del self._incoming[key]
         sender, request_id, epoch = key
-        with self._writers_lock:
-            if self._writers.get(request_id) == (sender, epoch):
-                del self._writers[request_id]
+        self._forget_writer(request_id, sender, epoch)  # every WRITE of it has landed
         if incoming.error is None:
             result = TransferResult(
                 request_id,
@@ -255,3 +334,49 @@ class NixlEndpoint:
                 incoming.verify_s,
             )
             self._agent.agent.send_notif(sender, ACK + grpc_codec.encode_ack(result))
+
+    def _forget_writer(self, request_id: str, sender: str, epoch: int) -> None:
+        with self._writers_lock:
+            writers = self._writers.get(request_id, set())
+            writers.discard((sender, epoch))
+            if not writers:
+                self._writers.pop(request_id, None)
+
+    def _release_overdue(self) -> None:
+        now = time.monotonic()
+        with self._writers_lock:
+            overdue = [key for key, q in self._quarantine.items() if q.deadline <= now]
+            released = [self._quarantine.pop(key) for key in overdue]
+        for (sender, request_id, epoch), quarantine in zip(overdue, released, strict=True):
+            logger.warning(
+                "writer %s of %r (epoch %d) did not confirm it stopped within %.0f s: "
+                "releasing its blocks",
+                sender,
+                request_id,
+                epoch,
+                QUARANTINE_GRACE_S,
+            )
+            _resolve(quarantine.safe)
+
+
+def _resolve(future: Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _all_of(futures: list[Future[None]]) -> Future[None]:
+    """Resolves once every one of ``futures`` has (none of them ever fails)."""
+    combined: Future[None] = Future()
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_: Future[None]) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            _resolve(combined)
+
+    for future in futures:
+        future.add_done_callback(one_done)
+    return combined

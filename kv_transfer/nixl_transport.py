@@ -26,6 +26,7 @@ Messages (NIXL notifications, first byte the kind; KVChunk/KVAck encoded by ``gr
     D->P  A KVAck                              every write of the request verified
     D->P  E {request_id, epoch, error, message}  a write refused: the stream is fenced
     D->P  R {request_id, epoch}                the reservation was dropped (abort, lease)
+    P->D  Q {request_id, epoch}                answer to R: fenced, no WRITE in flight
 
 Fencing (a one-sided WRITE cannot be refused by the target, so the writer is stopped
 before it writes): a request's first WRITE waits for the decode side to confirm that its
@@ -34,8 +35,13 @@ compute path); a dropped reservation (``cancel`` before completion, ``expire``) 
 to its writer, a refused notification sends ``E``: either fences the stream (later writes
 raise before posting, ``flush`` raises the receiver's error), and no write is posted after
 the target's lease ended. A write is only recorded when its notification passes the
-reservation table. What remains: WRITEs already posted when the reservation is dropped can
-still land (bounded by ``max_inflight_chunks`` and one notification's latency; see README).
+reservation table. WRITEs already posted when the reservation is dropped can still land:
+the decode side keeps the blocks in quarantine until this side answers ``R`` with ``Q``,
+which the poller sends once the stream is fenced (under the stream's lock, so the sender
+thread posts nothing after) and none of its WRITEs is in flight any more (see
+``kv_transfer.nixl_receiver``). A stream stays known (``_streams``) until its flush future
+resolved and its posted WRITEs completed, so an ``R`` that comes after an error still waits
+for them.
 
 Authentication (``kv_transfer.security``), with a cluster secret: the decode worker's
 ``NixlPeerInfo`` carries an authenticator of its agent name, checked by the prefill side
@@ -98,6 +104,7 @@ from kv_transfer.nixl_agent import (
     HELLO,
     HELLO_REPLY,
     IDLE_POLL_S,
+    QUIESCED,
     REVOKE,
     NixlAgent,
     NixlPeerInfo,
@@ -133,8 +140,12 @@ class _NixlStream(ChunkStream):
         self.num_chunks = 0
         self.error: KVTransferError | None = None  # set by the poller on "E"
         self.cancelled = False
+        self.revoked = False  # the decode side dropped the reservation: answer "Q" when drained
         self.future: Future[TransferResult] | None = None  # set by finish
         self.granted: Future[None] = Future()  # resolved by the "g" reply
+        # Held to check liveness and post a WRITE as one step, and over ``_handles``: once
+        # the poller fenced the stream under it, no WRITE is posted any more.
+        self.lock = threading.Lock()
 
     def write(self, chunk: KVChunk) -> None:
         raise TypeError("the nixl transport writes blocks in place: use write_blocks")
@@ -150,13 +161,17 @@ class _NixlStream(ChunkStream):
         if self.num_chunks == 0:
             self._wait_granted()
         opener = self._opener
-        src = region_indices(chunk.layer, src_block_ids, opener.agent.num_blocks)
-        dst = region_indices(chunk.layer, chunk.block_ids, self._peer.info.num_blocks)
+        # In destination order: NIXL merges a run of regions adjacent on both sides into one
+        # descriptor (a layer of ascending blocks is 2 descriptors, not 2 per block).
+        pairs = sorted(zip(chunk.block_ids, src_block_ids, strict=True))
+        src_ids = [src for _, src in pairs]
+        src = region_indices(chunk.layer, src_ids, opener.agent.num_blocks)
+        dst = region_indices(chunk.layer, [d for d, _ in pairs], self._peer.info.num_blocks)
         notification = CHUNK + grpc_codec.encode_chunk(chunk)
         if corrupt:  # fault injection: the first block's K lands from a flipped copy
             with opener.fault_lock:
                 self._post(opener.local_regions, src[1:], dst[1:], b"")
-                scratch = opener.fault_scratch(chunk.layer, src_block_ids[0])
+                scratch = opener.fault_scratch(chunk.layer, src_ids[0])
                 self._post(scratch, np.zeros(1, dtype=np.int32), dst[:1], notification)
                 while not self.poll_writes():  # the scratch is reused: wait until it landed
                     time.sleep(ACTIVE_POLL_S)
@@ -171,27 +186,49 @@ class _NixlStream(ChunkStream):
         handle = agent.make_prepped_xfer(
             "WRITE", local, src, self._peer.remote_regions, dst, notification
         )
-        if agent.transfer(handle) == "ERR":
+        with self.lock:
+            try:
+                self._check_live()
+            except KVTransferError:
+                handle.release()
+                raise
+            state = agent.transfer(handle)
+            if state != "ERR":
+                self._handles.append(handle)
+        if state == "ERR":
             handle.release()
             self._opener.drop_peer(self._peer)
             raise TransportError(f"NIXL WRITE to {self._peer.remote_name} failed")
-        self._handles.append(handle)
 
     def poll_writes(self) -> bool:
         """Release finished WRITEs; True when none is left in flight. Raises on a failed one."""
         agent = self._opener.agent.agent
-        pending, failed = [], False
-        for handle in self._handles:
-            state = agent.check_xfer_state(handle)
-            if state == "PROC":
-                pending.append(handle)
-            else:
-                failed = failed or state == "ERR"
-                handle.release()
-        self._handles = pending
+        with self.lock:
+            pending, failed = [], False
+            for handle in self._handles:
+                state = agent.check_xfer_state(handle)
+                if state == "PROC":
+                    pending.append(handle)
+                else:
+                    failed = failed or state == "ERR"
+                    handle.release()
+            self._handles = pending
         if failed:
             raise TransportError(f"NIXL WRITE to {self._peer.remote_name} failed")
         return not pending
+
+    def drained(self) -> bool:
+        """No WRITE of this stream in flight any more (a failed one is not in flight)."""
+        try:
+            return self.poll_writes()
+        except KVTransferError:
+            return not self._handles
+
+    def revoke(self, error: KVTransferError) -> None:
+        """Fence the stream (poller thread, on "R"): no WRITE is posted after this returns."""
+        with self.lock:
+            self.error = error
+            self.revoked = True
 
     def finish(self) -> Future[TransferResult]:
         self.future = Future()
@@ -228,6 +265,12 @@ class _NixlStream(ChunkStream):
             raise self.error
         if self.cancelled:
             raise TransferAbortedError(f"stream of {self._target.request_id!r} was cancelled")
+
+    @property
+    def settled(self) -> bool:
+        """Nothing more will happen: ended (answered, failed or cancelled), no WRITE in flight."""
+        ended = self.cancelled or (self.future is not None and self.future.done())
+        return ended and not self.revoked and self.drained()
 
 
 class NixlOpener(StreamOpener):
@@ -372,9 +415,8 @@ class NixlOpener(StreamOpener):
             self._finishing.append(stream)
 
     def finished(self, stream: _NixlStream, error: KVTransferError | None, result=None) -> None:
-        """Resolve a stream's flush future once (poller thread, or cancel)."""
-        with self._lock:
-            self._streams.pop(stream.key, None)
+        """Resolve a stream's flush future once (poller thread, or cancel); the stream is
+        forgotten by the poller once its WRITEs are done too (``_progress``)."""
         future = stream.future
         if future is None or future.done():
             return
@@ -443,10 +485,24 @@ class NixlOpener(StreamOpener):
                 with self._lock:
                     self._finishing.remove(stream)
         with self._lock:
-            overdue = [s for s in self._streams.values() if s.future and now > s.deadline]
-        for stream in overdue:
-            self.finished(stream, TransportError(f"no acknowledgement of {stream.key[1]!r}"))
+            streams = list(self._streams.values())
+        for stream in streams:
+            if stream.future and not stream.future.done() and now > stream.deadline:
+                self.finished(stream, TransportError(f"no acknowledgement of {stream.key[1]!r}"))
+            if stream.revoked and stream.drained():
+                self._quiesced(stream.key)
+                stream.revoked = False
+            if stream.settled:
+                with self._lock:
+                    if self._streams.get(stream.key) is stream:
+                        del self._streams[stream.key]
         return bool(finishing)
+
+    def _quiesced(self, key: tuple[str, str, int]) -> None:
+        """Tell the decode side that this request's writer is fenced with no WRITE in flight."""
+        remote_name, request_id, epoch = key
+        message = encode_message(QUIESCED, request_id=request_id, epoch=epoch)
+        self.agent.agent.send_notif(remote_name, message)
 
     def _handle(self, sender: str, message: bytes) -> None:
         kind, body = message[:1], message[1:]
@@ -462,14 +518,19 @@ class NixlOpener(StreamOpener):
             return
         if kind in (GRANT_REPLY, REVOKE):
             fields = json.loads(body)
+            key = (sender, fields["request_id"], fields["epoch"])
             with self._lock:
-                stream = self._streams.get((sender, fields["request_id"], fields["epoch"]))
+                stream = self._streams.get(key)
             if stream is None:
+                if kind == REVOKE:  # settled (or never opened): nothing of it is in flight
+                    self._quiesced(key)
                 return
-            if kind == REVOKE:
-                stream.error = UnknownRequestError(
-                    f"decode worker dropped the reservation of {fields['request_id']!r}: "
-                    "writes fenced"
+            if kind == REVOKE:  # answered with "Q" by _progress once its WRITEs are done
+                stream.revoke(
+                    UnknownRequestError(
+                        f"decode worker dropped the reservation of {fields['request_id']!r}: "
+                        "writes fenced"
+                    )
                 )
             elif fields["error"]:
                 error_class = ERRORS_BY_NAME.get(fields["error"], TransportError)

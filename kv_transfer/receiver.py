@@ -12,6 +12,16 @@ The decode worker drives the rest: ``expect`` (after reserving blocks in its blo
 ``completion`` (a future) / ``is_complete`` / ``wait_complete``, ``cancel`` (abort, or the
 request joined the decode batch) and ``expire`` (leases; it frees the returned requests'
 blocks).
+
+Late bytes never land in reused blocks (the seam with the decode worker, which owns the
+blocks): ``cancel`` returns a ``CancelledReservation`` whose ``safe`` future resolves once no
+write can land in its blocks any more; the decode worker keeps the blocks out of reuse
+(``engine.pin_blocks``) until then. gRPC and local writes go through ``receive``, which
+holds the reservation's ``write_lock`` while copying and rechecks the status under it, so
+``safe`` is resolved when ``cancel`` returns. A one-sided transport's WRITEs bypass
+``receive``: its endpoint's ``revoke`` returns the future (NIXL: resolved when the writer
+confirms it stopped and its posted WRITEs completed, or after a grace period; see
+``kv_transfer.nixl_receiver``).
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -57,14 +68,37 @@ class ReceiverEndpoint(Protocol):
     address: str  # where senders connect (bound address: a port 0 is resolved)
     metadata: bytes  # anything else a remote writer needs (NIXL: agent metadata)
 
-    def revoke(self, request_id: str) -> None:
+    def revoke(self, request_id: str) -> Future[None] | None:
         """The reservation was dropped before it completed: stop its writer (one-sided
-        transports; the others refuse later writes in ``receive``)."""
+        transports; the others refuse later writes in ``receive``). Returns a future that
+        resolves once none of the writer's writes can land any more, or None when none can
+        already."""
 
     def close(self) -> None: ...
 
 
 EndpointFactory = Callable[["KVReceiver"], ReceiverEndpoint]
+
+
+@dataclass(frozen=True)
+class CancelledReservation:
+    """What ``KVReceiver.cancel`` hands back: the dropped reservation's blocks and when the
+    decode worker may reuse them (it keeps them out of its free pool until ``safe``)."""
+
+    request_id: str
+    block_ids: tuple[int, ...]  # the reservation's destination blocks
+    safe: Future[None]  # resolved (never failed) once no write can land in block_ids any more
+
+    @property
+    def quarantined(self) -> bool:
+        """Writes may still land: the blocks must not be reused yet."""
+        return not self.safe.done()
+
+
+def _resolved() -> Future[None]:
+    future: Future[None] = Future()
+    future.set_result(None)
+    return future
 
 
 class KVReceiver:
@@ -171,16 +205,24 @@ class KVReceiver:
             raise UnknownRequestError(f"no reservation for request {request_id!r}")
         return reservation.completion
 
-    def cancel(self, request_id: str) -> bool:
-        """Drop the reservation; once it returns no write touches its blocks. False if unknown."""
-        incomplete = self.status(request_id) is not TransferStatus.COMPLETE
-        cancelled = self._table.cancel(request_id)
-        if cancelled and incomplete:
-            self._endpoint.revoke(request_id)
-        return cancelled
+    def cancel(self, request_id: str) -> CancelledReservation | None:
+        """Drop the reservation; None if there is none. Once it returns no write through
+        ``receive`` touches its blocks; a one-sided writer's posted WRITEs may still land
+        until the returned ``safe`` future resolves (incomplete reservations only)."""
+        reservation = self._table.cancel(request_id)
+        if reservation is None:
+            return None
+        safe = None
+        if reservation.num_recorded < reservation.num_expected:
+            safe = self._endpoint.revoke(request_id)
+        return CancelledReservation(request_id, reservation.block_ids, safe or _resolved())
 
     def expire(self, now: float | None = None) -> list[str]:
-        """Drop incomplete reservations whose lease ended (``time.monotonic()`` clock)."""
+        """Drop incomplete reservations whose lease ended (``time.monotonic()`` clock).
+
+        Their writers are revoked, but a caller that frees blocks should ``cancel`` each
+        reservation instead (the decode worker does, after its engine's own lease expiry):
+        only ``cancel`` hands back the future that says when the blocks are safe."""
         expired = self._table.expire(now)
         if expired:
             logger.warning("KV reservations expired before completing: %s", expired)

@@ -162,15 +162,17 @@ class ReservationTable:
         with self._lock:
             return self._reservations.get(request_id)
 
-    def cancel(self, request_id: str) -> bool:
-        """Remove a reservation; returns once no write touches its blocks. False if unknown."""
+    def cancel(self, request_id: str) -> Reservation | None:
+        """Remove a reservation; returns it once no write that went through ``receive`` touches
+        its blocks (None if unknown). Writes admitted before and still copying hold the
+        reservation's ``write_lock``; writes after see it CANCELLED under that lock."""
         with self._lock:
             reservation = self._remove_locked(request_id)
         if reservation is None:
-            return False
+            return None
         with reservation.write_lock:  # wait for a write in progress to leave the blocks
             pass
-        return True
+        return reservation
 
     def expire(self, now: float | None = None) -> list[str]:
         """Cancel every reservation whose lease passed before it completed; returns their ids."""

@@ -2,7 +2,8 @@
 
 The NIXL path is only real between two processes (two agents, UCX over loopback), so the
 decode side runs in a spawned child with its own cache and answers commands:
-``expect``/``info``/``status``/``wait``/``cancel``/``blocks``.
+``expect``/``info``/``status``/``wait``/``cancel``/``quarantined``/``wait_safe``/``fill``/
+``blocks``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import time
 from dataclasses import asdict
 from multiprocessing.connection import Connection
 from typing import Any
@@ -25,9 +27,19 @@ REPLY_TIMEOUT_S = 60.0
 
 
 def _child_main(
-    conn: Connection, layout: dict[str, Any], num_blocks: int, address: str, secret: bytes
+    conn: Connection,
+    layout: dict[str, Any],
+    num_blocks: int,
+    address: str,
+    secret: bytes,
+    grace_s: float,
 ) -> None:
+    from kv_transfer import nixl_receiver
+
+    nixl_receiver.QUARANTINE_GRACE_S = grace_s
     torch.set_num_threads(1)
+    cancelled: dict[str, Any] = {}  # request id -> its CancelledReservation
+    quarantined: dict[str, bool] = {}  # request id -> quarantined when cancel returned
     layout_ = KVLayout(**layout)
     caches = [
         torch.zeros(cache_layer_shape(layout_, num_blocks), dtype=layout_.torch_dtype)
@@ -50,8 +62,25 @@ def _child_main(
                 reply = receiver.status(args["request_id"])
             elif op == "wait":
                 reply = receiver.wait_complete(args["request_id"], timeout=args["timeout"])
-            elif op == "cancel":
-                reply = receiver.cancel(args["request_id"])
+            elif op == "cancel":  # True/False: was there one; its safe future is kept
+                dropped = cancelled[args["request_id"]] = receiver.cancel(args["request_id"])
+                quarantined[args["request_id"]] = dropped is not None and dropped.quarantined
+                reply = dropped is not None
+            elif op == "quarantined":  # the blocks were not reusable when cancel returned
+                reply = quarantined[args["request_id"]]
+            elif op == "wait_safe":  # seconds until its blocks were safe, None on timeout
+                start = time.monotonic()
+                try:
+                    cancelled[args["request_id"]].safe.result(timeout=args["timeout"])
+                except TimeoutError:
+                    reply = None
+                else:
+                    reply = time.monotonic() - start
+            elif op == "fill":  # what a new owner of the blocks writes into them
+                ids = torch.tensor(args["block_ids"])
+                for layer in caches:
+                    layer[:, ids] = args["value"]
+                reply = None
             elif op == "blocks":  # [num_layers, n, 2, block_size, H, D] of the given blocks
                 ids = torch.tensor(args["block_ids"])
                 reply = torch.stack([gather_blocks(layer, ids) for layer in caches])
@@ -68,13 +97,18 @@ class DecodePeer:
     """The child process and its receiver; every call returns the child's answer or raises."""
 
     def __init__(
-        self, layout: KVLayout, num_blocks: int, address: str = "", secret: bytes = b""
+        self,
+        layout: KVLayout,
+        num_blocks: int,
+        address: str = "",
+        secret: bytes = b"",
+        grace_s: float = 10.0,
     ) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         self.process = context.Process(
             target=_child_main,
-            args=(child, asdict(layout), num_blocks, address, secret),
+            args=(child, asdict(layout), num_blocks, address, secret, grace_s),
             daemon=True,
         )
         self.process.start()
@@ -103,6 +137,15 @@ class DecodePeer:
 
     def wait(self, request_id: str, timeout: float = 30.0) -> bool:
         return self._call("wait", request_id=request_id, timeout=timeout)
+
+    def quarantined(self, request_id: str) -> bool:
+        return self._call("quarantined", request_id=request_id)
+
+    def wait_safe(self, request_id: str, timeout: float) -> float | None:
+        return self._call("wait_safe", request_id=request_id, timeout=timeout)
+
+    def fill(self, block_ids: list[int], value: float) -> None:
+        self._call("fill", block_ids=block_ids, value=value)
 
     def cancel(self, request_id: str) -> bool:
         return self._call("cancel", request_id=request_id)

@@ -3,7 +3,8 @@
 The prefill side (sender) runs here; the decode side (receiver) in a spawned process
 (``nixl_peer``). Covers: the WRITEs land and verify, a restarted decode worker is re-handshaked,
 writes after the reservation is lost are fenced, corruption is caught over the bytes that
-landed, and a layout mismatch is refused at pairing.
+landed, a layout mismatch is refused at pairing, and a revoked writer's blocks stay in
+quarantine until its posted WRITEs are done (or its grace period passed when it is gone).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def test_blocks_land_in_the_reserved_blocks_and_verify(
     assert peer.wait("ok") is True
     assert torch.equal(peer.blocks(DST), _expected(src_caches, SRC))
     assert peer.cancel("ok")
+    assert not peer.quarantined("ok")  # every WRITE was notified: nothing can land any more
 
 
 def test_writes_after_the_reservation_is_dropped_are_fenced(
@@ -196,3 +198,81 @@ def test_layout_mismatch_is_refused_at_pairing(peer: DecodePeer) -> None:
         assert peer.cancel("mismatch")
     finally:
         sender.close()
+
+
+# Quarantine: 64 KiB blocks, 64 per layer (4 MiB per WRITE, 8 layers), so WRITEs are still in
+# flight over UCX's TCP transport when the decode side revokes the reservation.
+BIG = KVLayout(num_layers=8, block_size=16, num_kv_heads=8, head_dim=128, dtype="bfloat16")
+BIG_IDS = list(range(64))[::-1]  # no two adjacent: one descriptor per block half
+NEW_OWNER = 3.0  # what the blocks' next owner writes (exact in bf16)
+
+
+@pytest.fixture(scope="module")
+def big_caches() -> list[torch.Tensor]:
+    torch.manual_seed(1)
+    return [
+        torch.randn(cache_layer_shape(BIG, 64)).to(torch.bfloat16) for _ in range(BIG.num_layers)
+    ]
+
+
+def _wait_landed(peer: DecodePeer, ids: list[int]) -> None:
+    """Until layer 0 of ``ids`` holds data: the writer was granted and WRITEs land."""
+    deadline = time.monotonic() + 30
+    while not peer.blocks(ids)[0].any():
+        assert time.monotonic() < deadline, "layer 0 never landed"
+        time.sleep(0.01)
+
+
+def _start_victim(sender: KVSender, peer: DecodePeer) -> None:
+    """A transfer that is revoked with WRITEs posted: layer 0 landed, layers 1-7 just posted,
+    no flush (so the writer is live as far as the decode side knows)."""
+    sender.begin(peer.expect("victim", BIG_IDS))
+    sender.send_layer("victim", 0, list(range(64)), BIG_IDS)
+    _wait_landed(peer, BIG_IDS)
+    for layer in range(1, BIG.num_layers):
+        sender.send_layer("victim", layer, list(range(64)), BIG_IDS)
+
+
+def test_a_revoked_writer_s_blocks_stay_quarantined_until_its_writes_are_done(
+    big_caches: list[torch.Tensor],
+) -> None:
+    peer = DecodePeer(BIG, num_blocks=64, address="decode-q", grace_s=60.0)
+    sender = get_transport("nixl").create_sender(big_caches, CONFIG)
+    try:
+        sender.connect(peer.info)
+        _start_victim(sender, peer)
+        assert peer.cancel("victim")  # the decode worker aborts mid-transfer
+        assert peer.quarantined("victim")  # not reusable yet: WRITEs may still land
+        waited = peer.wait_safe("victim", timeout=30.0)
+        # Released by the writer's "fenced, nothing in flight" answer, not by the grace period.
+        assert waited is not None and waited < 30.0
+        with pytest.raises(UnknownRequestError, match=r"no reservation|writes fenced"):
+            sender.flush("victim").result(timeout=30)
+        # The blocks' next owner: written and re-reserved; nothing of the old writer lands.
+        peer.fill(BIG_IDS, NEW_OWNER)
+        peer.expect("next", BIG_IDS)
+        time.sleep(0.5)
+        assert bool((peer.blocks(BIG_IDS) == NEW_OWNER).all())
+        assert peer.cancel("next") and not peer.quarantined("next")  # never granted
+    finally:
+        sender.close()
+        peer.close()
+
+
+def test_a_gone_writer_s_blocks_are_released_after_the_grace_period(
+    big_caches: list[torch.Tensor],
+) -> None:
+    grace_s = 1.5
+    peer = DecodePeer(BIG, num_blocks=64, address="decode-g", grace_s=grace_s)
+    sender = get_transport("nixl").create_sender(big_caches, CONFIG)
+    try:
+        sender.connect(peer.info)
+        _start_victim(sender, peer)
+        sender.close()  # the prefill worker goes away without a word (its agent is gone)
+        assert peer.cancel("victim")
+        assert peer.quarantined("victim")
+        waited = peer.wait_safe("victim", timeout=30.0)
+        assert waited is not None and grace_s - 0.2 <= waited < grace_s + 10.0
+    finally:
+        sender.close()
+        peer.close()

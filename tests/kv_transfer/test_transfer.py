@@ -464,3 +464,52 @@ def test_a_stalled_decode_worker_does_not_hold_up_the_others(transport: str) -> 
         sender.close()
         slow.close()
         fast.close()
+
+
+@NO_PACK_HOOKS  # the race is widened in the receiver's unpack (scatter) step
+def test_no_byte_lands_after_cancel_returns(transport: str) -> None:
+    """Issue 10: a scatter of a verified chunk racing ``cancel``. Once ``cancel`` returns, no
+    byte of the request may land: it waits for a scatter in progress, later writes are
+    refused, and its blocks are safe to reuse at once (gRPC and local write only through
+    ``receive``)."""
+    layout = KVLayout(num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
+    config = KVTransferConfig(chunk_bytes=4 * layout.block_nbytes)  # 4 blocks per message
+    unpack = pack_fns(torch.device("cpu"))[1]
+    scattering, scattered_at = threading.Event(), []
+
+    def slow_unpack(packed: torch.Tensor, kv_layer: torch.Tensor, ids: torch.Tensor) -> None:
+        for i in range(len(ids)):  # block by block, slowly: a long scatter to race against
+            scattering.set()
+            time.sleep(0.05)
+            unpack(packed[i : i + 1], kv_layer, ids[i : i + 1])
+        scattered_at.append(time.monotonic())
+
+    dst = _caches(layout, 8, fill=False)
+    address = "127.0.0.1:0" if transport == "grpc" else ""
+    receiver = get_transport(transport).create_receiver(
+        dst, config, address=address, unpack_fn=slow_unpack
+    )
+    sender = get_transport(transport).create_sender(_caches(layout, 8, fill=True), config)
+    blocks = list(range(8))
+    try:
+        sender.begin(receiver.expect("r", blocks))
+        for layer in range(layout.num_layers):
+            sender.send_layer("r", layer, blocks, blocks)
+        done = sender.flush("r")
+        assert scattering.wait(WAIT_S)
+        cancelled = receiver.cancel("r")  # while a chunk is half scattered
+        cancelled_at = time.monotonic()
+        assert cancelled is not None and not cancelled.quarantined
+        assert cancelled.block_ids == tuple(blocks)
+        # The scatter in progress finished before cancel returned ...
+        assert scattered_at and scattered_at[-1] <= cancelled_at
+        for layer in dst:  # ... so a new owner's bytes now stay as written
+            layer.fill_(7.0)
+        with pytest.raises((UnknownRequestError, TransferAbortedError)):
+            done.result(WAIT_S)
+        time.sleep(0.2)  # any straggling write of the old request had its chance to land
+        assert all(bool((layer == 7.0).all()) for layer in dst)
+        assert len(scattered_at) < 2 * layout.num_layers  # later chunks were refused
+    finally:
+        sender.close()
+        receiver.close()
