@@ -228,7 +228,14 @@ class Cluster:
     async def _create(self, role: str, worker_id: str) -> WorkerClient:
         config = self.config
         if config.runs_in_process:
-            worker = await asyncio.to_thread(self._make_worker, role, worker_id)
+            making = asyncio.ensure_future(asyncio.to_thread(self._make_worker, role, worker_id))
+            try:
+                worker = await asyncio.shield(making)
+            except asyncio.CancelledError:  # the thread goes on: stop what it makes
+                making.add_done_callback(
+                    lambda f: None if f.cancelled() or f.exception() else f.result().shutdown()
+                )
+                raise
             return InProcessClient(worker)
         import ray
 

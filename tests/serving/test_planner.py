@@ -15,9 +15,10 @@ placed by resources, killed when removed) marked ``slow``.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -41,19 +42,21 @@ PLANNER_ARGS = [
     "--max-num-seqs", "4",
 ]  # fmt: skip
 
-LONG_PROMPTS = [words(1300 + i, 150) for i in range(6)]  # ~500 tokens: remote prefill
-SHORT_PROMPTS = [words(1400 + i, 6) for i in range(12)]  # ~20 tokens: prefilled on D
+LONG_WORDS = 150  # ~500 tokens: prefilled on a prefill worker
+SHORT_WORDS = 6  # ~20 tokens: prefilled on the decode worker
 LONG_MAX_TOKENS = 2
 SHORT_MAX_TOKENS = 48
 
 
 @dataclass
 class Load:
-    """``num_clients`` threads sending greedy completions of ``prompts`` in turn until
-    stopped (or ``max_requests`` each); every answer is kept with its prompt."""
+    """``num_clients`` threads sending greedy completions until stopped (or ``max_requests``
+    each), each of a new prompt of ``num_words`` (so no prefix cache turns a remote prefill
+    into a local one); every answer is kept with its prompt."""
 
     server: Server
-    prompts: list[str]
+    seed: int
+    num_words: int
     max_tokens: int
     num_clients: int
     max_requests: int = 200
@@ -67,7 +70,7 @@ class Load:
         for n in range(self.max_requests):
             if self._stop.is_set():
                 return
-            prompt = self.prompts[(index + n * self.num_clients) % len(self.prompts)]
+            prompt = words(self.seed + index + n * self.num_clients, self.num_words)
             try:
                 answer = complete(client, prompt, self.max_tokens, stream=True)
             except BaseException as error:
@@ -94,7 +97,7 @@ class Load:
     def check(self, offline: Offline) -> None:
         assert not self.errors, f"requests failed: {self.errors[:3]}"
         assert self.answers
-        ids = {p: offline.completion_ids(p) for p in self.prompts}
+        ids = {p: offline.completion_ids(p) for p, _ in self.answers}
         expected = offline.greedy_many(list(ids.values()), self.max_tokens)
         by_prompt = dict(zip(ids, expected))
         for prompt, answer in self.answers:
@@ -118,33 +121,48 @@ def wait_for(server: Server, timeout_s: float, what: str, **counts: int) -> floa
         time.sleep(0.25)
 
 
+def wait_serving(server: Server, worker_id: str, timeout_s: float = 30) -> None:
+    """Wait until a request in flight uses the (new) worker: the pairing policy picks it."""
+    deadline = time.monotonic() + timeout_s
+    while not server.backend.num_in_flight(worker_id):
+        assert time.monotonic() < deadline, f"no request reached {worker_id} in {timeout_s}s"
+        time.sleep(0.01)
+
+
 def planner_metric(server: Server, name: str, **labels: str) -> float:
     return server.metric(f"pdserve_planner_{name}", **labels)
 
 
-def scale_up_and_down(server: Server, offline: Offline, up_timeout_s: float) -> list[str]:
-    """Both shifts and the return to idle; returns the worker ids that served at some point."""
+def scale_up_and_down(
+    server: Server,
+    offline: Offline,
+    up_timeout_s: float,
+    on_join: Callable[[], None] = lambda: None,
+) -> list[str]:
+    """Both shifts and the return to idle; returns the worker ids that served at some point.
+    ``on_join`` runs when each new worker serves."""
     seen = {w.worker_id for w in server.backend.cluster.prefill + server.backend.cluster.decode}
     assert health(server)["num_prefill"] == 1 and health(server)["num_decode"] == 1
 
     # 1. Prompt-heavy burst: prompts queue on the one prefill worker.
-    with Load(server, LONG_PROMPTS, LONG_MAX_TOKENS, num_clients=6) as burst:
+    with Load(server, 10_000, LONG_WORDS, LONG_MAX_TOKENS, num_clients=6) as burst:
         waited = wait_for(server, up_timeout_s, "a second prefill worker", num_prefill=2)
         seen |= {w.worker_id for w in server.backend.cluster.prefill}
-        time.sleep(2)  # the new worker takes prompts too
+        wait_serving(server, "prefill-1")
+        on_join()
     burst.check(offline)
     assert waited < up_timeout_s
     assert health(server)["num_decode"] == 1, "the prompt burst must not add decode workers"
     assert planner_metric(server, "decisions_total", role="prefill", direction="up") >= 1
 
     # 2. Many long generations: requests wait for a batch slot on the one decode worker.
-    with Load(server, SHORT_PROMPTS, SHORT_MAX_TOKENS, num_clients=12) as chats:
+    with Load(server, 20_000, SHORT_WORDS, SHORT_MAX_TOKENS, num_clients=12) as chats:
         wait_for(server, up_timeout_s, "a second decode worker", num_decode=2)
         seen |= {w.worker_id for w in server.backend.cluster.decode}
-        time.sleep(3)
+        wait_serving(server, "decode-1")
+        on_join()
     chats.check(offline)
     assert planner_metric(server, "decisions_total", role="decode", direction="up") >= 1
-    assert planner_metric(server, "desired_workers", role="decode") >= 2
 
     # 3. Idle: back to the minimum, nothing left draining.
     wait_for(
@@ -158,6 +176,8 @@ def scale_up_and_down(server: Server, offline: Offline, up_timeout_s: float) -> 
     )
     assert planner_metric(server, "decisions_total", direction="down", reason="slack") >= 2
     assert planner_metric(server, "workers", role="decode", state="ready") == 1
+    assert planner_metric(server, "desired_workers", role="decode") == 1
+    assert planner_metric(server, "desired_workers", role="prefill") == 1
     assert planner_metric(server, "placement_failures_total") == 0
     assert len(seen) == len(set(seen)) >= 4  # ids are unique: prefill-1, decode-1 are new
     return sorted(seen)
@@ -191,8 +211,7 @@ def test_planner_scales_ray_actors(local_ray: None, offline: Offline) -> None:
                     pids[w.worker_id] = server.run(w.info).pid
 
         record_pids()
-        seen = scale_up_and_down(server, offline, up_timeout_s=150)
-        record_pids()
+        seen = scale_up_and_down(server, offline, up_timeout_s=150, on_join=record_pids)
         serving = {
             w.worker_id for w in server.backend.cluster.prefill + server.backend.cluster.decode
         }
@@ -208,8 +227,7 @@ def test_a_retired_worker_drains_its_requests_then_goes(offline: Offline) -> Non
     args += ["--planner-interval-s", "3600"]  # one tick at start: the test decides
     with serve(args) as server:
         backend = server.backend
-        prompts = [words(1500 + i, 6) for i in range(4)]
-        with Load(server, prompts, 200, num_clients=4, max_requests=1) as load:
+        with Load(server, 30_000, SHORT_WORDS, 200, num_clients=4, max_requests=1) as load:
             deadline = time.monotonic() + 60
             while backend.num_in_flight("decode-1") == 0:  # a long generation runs on it
                 assert time.monotonic() < deadline, "no request reached decode-1"
@@ -227,7 +245,7 @@ def test_a_retired_worker_drains_its_requests_then_goes(offline: Offline) -> Non
                 backend.cluster.begin_drain("decode-0")
             # New requests all go to decode-0 while decode-1 finishes its own.
             on_retired = [backend.num_in_flight("decode-1")]
-            extra = Load(server, prompts[:2], 8, num_clients=2, max_requests=2)
+            extra = Load(server, 31_000, SHORT_WORDS, 8, num_clients=2, max_requests=2)
             with extra:
                 while extra.running():
                     on_retired.append(backend.num_in_flight("decode-1"))
@@ -241,3 +259,59 @@ def test_a_retired_worker_drains_its_requests_then_goes(offline: Offline) -> Non
         with pytest.raises(KeyError):
             backend.cluster.worker("decode-1")
         assert planner_metric(server, "drain_timeouts_total") == 0
+
+
+def test_a_worker_ray_cannot_place_is_given_up(local_ray: None) -> None:
+    """No node offers the role's resources: the actor stays pending, the policy gives it up
+    after the placement timeout, the loop kills it and reports it (metric), and the role is
+    not asked again during the backoff."""
+    import ray
+
+    from router.backends.cluster import ClusterBackend
+    from router.cluster import Cluster, ClusterConfig
+    from router.planner import PlannerConfig, Reason, Role
+    from router.planner_loop import PlannerLoop
+
+    missing = {"pdserve_test_no_such_node": 1.0}
+    cluster = Cluster(ClusterConfig(prefill_resources=missing))
+    backend = ClusterBackend(cluster)
+    config = PlannerConfig(
+        interval_s=0.1, placement_timeout_s=1.0, placement_backoff_s=600.0, cooldown_s=0.0
+    )
+    loop = PlannerLoop(config, backend, roles=(Role.PREFILL,))
+
+    def prefill_actors() -> dict[str, tuple[str, int]]:
+        return {
+            actor_id: (info["State"], info["Pid"])
+            for actor_id, info in ray._private.state.actors().items()
+            if info["ActorClassName"].endswith("PrefillWorker")
+        }
+
+    before = set(prefill_actors())
+
+    async def scenario() -> None:
+        deadline = time.monotonic() + 30
+        while not loop.decisions or loop.decisions[-1][1].reason is not Reason.PLACEMENT_TIMEOUT:
+            assert time.monotonic() < deadline, f"not given up: {loop.decisions}"
+            await loop.tick()
+            await asyncio.sleep(config.interval_s)
+        await asyncio.sleep(0.2)  # the cancelled start kills its actor
+        for _ in range(10):  # within the backoff: no new start
+            await loop.tick()
+        await loop.stop()
+
+    asyncio.run(scenario())
+    reasons = [d.reason for _, d in loop.decisions]
+    assert reasons == [Reason.BELOW_MIN, Reason.PLACEMENT_TIMEOUT]
+    assert loop.metrics.planner_placement_failures.labels(role="prefill")._value.get() == 1
+    assert cluster.prefill == [] and loop.starting[Role.PREFILL] == []
+    deadline = time.monotonic() + 30
+    while True:
+        new = {k: v for k, v in prefill_actors().items() if k not in before}
+        assert len(new) == 1, new  # one actor asked for, never again within the backoff
+        (state, pid) = next(iter(new.values()))
+        if state == "DEAD":
+            break
+        assert time.monotonic() < deadline, f"the pending actor was not killed: {new}"
+        time.sleep(0.2)
+    assert pid == 0  # never placed, so never started
