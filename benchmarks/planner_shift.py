@@ -77,7 +77,8 @@ class Run:
     startup_s: float = 0.0
     samples: list[Sample] = field(default_factory=list)
     phases: dict[str, dict] = field(default_factory=dict)
-    planner_log: list[str] = field(default_factory=list)
+    planner_metrics: list[str] = field(default_factory=list)  # /metrics at the end
+    phase_starts: dict[str, float] = field(default_factory=dict)  # seconds, as sent
 
 
 def phase_summary(records: list[RequestRecord], duration_s: float, slo: SLOConfig) -> dict:
@@ -140,6 +141,7 @@ async def drive(base_url: str, phases: list[Phase], slo: SLOConfig, seed: int, r
         for phase in phases:
             current = phase.name
             start = time.perf_counter() - t0
+            run.phase_starts[phase.name] = start
             records: list[RequestRecord] = []
             tasks = []
             offset = 0.0
@@ -169,21 +171,22 @@ def run_server(name: str, extra: list[str], phases: list[Phase], args: argparse.
     run = Run(name, extra)
     log_path = LOG_DIR / f"planner_shift_{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    engine = ["--max-num-seqs", str(args.max_num_seqs), "--log-level", "INFO"]
+    engine = ["--max-num-seqs", str(args.max_num_seqs)]
     server = start_pdserve(free_port(), log_path, extra_args=tuple(engine + extra))
     try:
         run.startup_s = wait_ready(server, timeout_s=300.0)
         slo = SLOConfig(slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_itl_ms)
         asyncio.run(drive(server.base_url, phases, slo, args.seed, run))
+        metrics = httpx.get(f"{server.base_url}/metrics", timeout=30).text
+        run.planner_metrics = [
+            line for line in metrics.splitlines() if line.startswith("pdserve_planner_")
+        ]
     finally:
         stop_server(server)
-    run.planner_log = [
-        line.strip() for line in log_path.read_text().splitlines() if "planner: " in line
-    ]
     return run
 
 
-def plot(runs: list[Run], phases: list[Phase], path: Path) -> None:
+def plot(runs: list[Run], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,15 +203,13 @@ def plot(runs: list[Run], phases: list[Phase], path: Path) -> None:
         load = ax.twinx()
         load.plot(t, [s.in_flight for s in run.samples], color="grey", alpha=0.5)
         load.set_ylabel("requests in flight", color="grey")
-        start = 0.0
-        for phase in phases:
+        for name, start in run.phase_starts.items():
             ax.axvline(start, color="black", lw=0.5)
-            ax.text(start + 1, ax.get_ylim()[1] * 0.92, phase.name, fontsize=8)
-            start += phase.duration_s
+            ax.text(start + 1, ax.get_ylim()[1] * 0.92, name, fontsize=8)
         ax.set_title(run.name)
         ax.legend(loc="upper right", fontsize=8)
     np.atleast_1d(axes)[-1].set_xlabel(
-        "seconds (phase boundaries: scheduled; a phase also waits for its requests)"
+        "seconds (a phase starts when the previous one's requests have all finished)"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -253,7 +254,7 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     figure = args.out.with_suffix(".png")
-    plot(runs, phases, figure)
+    plot(runs, figure)
     result = {
         "machine": machine_info(),
         "phases": [asdict(p) for p in phases],

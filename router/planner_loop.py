@@ -328,6 +328,7 @@ class PlannerLoop:
         finally:  # also when the router stops
             if any(w.worker_id == worker_id for w in self.cluster.draining):
                 self.cluster.remove(worker_id)
+            self.backend.forget_worker(worker_id)  # stats a refresh in flight wrote since
 
     # -- export ----------------------------------------------------------------------------
 
