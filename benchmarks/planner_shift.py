@@ -31,6 +31,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks._servers import (
     LOG_DIR,
@@ -68,6 +69,7 @@ class Sample:
     num_prefill: int
     num_decode: int
     num_draining: int
+    num_starting: int  # the planner's pdserve_planner_workers{state="starting"}
 
 
 @dataclass
@@ -116,6 +118,14 @@ async def drive(base_url: str, phases: list[Phase], slo: SLOConfig, seed: int, r
         async def sample_health() -> None:
             while not stop.is_set():
                 body = (await client.get("/health")).json()
+                metrics = (await client.get("/metrics")).text
+                starting = sum(
+                    sample.value
+                    for family in text_string_to_metric_families(metrics)
+                    for sample in family.samples
+                    if sample.name == "pdserve_planner_workers"
+                    and sample.labels.get("state") == "starting"
+                )
                 run.samples.append(
                     Sample(
                         time.perf_counter() - t0,
@@ -124,6 +134,7 @@ async def drive(base_url: str, phases: list[Phase], slo: SLOConfig, seed: int, r
                         body.get("num_prefill", 0),
                         body.get("num_decode", 0),
                         body.get("num_draining_prefill", 0) + body.get("num_draining_decode", 0),
+                        int(starting),
                     )
                 )
                 await asyncio.sleep(HEALTH_INTERVAL_S)
@@ -198,6 +209,7 @@ def plot(runs: list[Run], path: Path) -> None:
         ax.step(t, [s.num_prefill for s in run.samples], where="post", label="prefill workers")
         ax.step(t, [s.num_decode for s in run.samples], where="post", label="decode workers")
         ax.step(t, [s.num_draining for s in run.samples], where="post", ls=":", label="draining")
+        ax.step(t, [s.num_starting for s in run.samples], where="post", ls="--", label="starting")
         ax.set_ylabel("workers")
         ax.set_ylim(0, max(3, *(s.num_prefill + s.num_decode for s in run.samples)))
         load = ax.twinx()
