@@ -315,3 +315,41 @@ def test_a_worker_ray_cannot_place_is_given_up(local_ray: None) -> None:
         assert time.monotonic() < deadline, f"the pending actor was not killed: {new}"
         time.sleep(0.2)
     assert pid == 0  # never placed, so never started
+
+
+@pytest.mark.timeout(300)
+def test_replacement_and_retirement_of_the_same_worker_at_once(offline: Offline) -> None:
+    """Health checks and the planner change the lists concurrently: a worker retired while
+    its replacement starts is not brought back (the replacement is stopped), the other
+    serving worker keeps its place, and ids stay unique."""
+    args = ["--transport", "local", "--num-prefill", "1", "--num-decode", "1", *PLANNER_ARGS]
+    args += ["--planner-interval-s", "3600", "--health-interval-s", "3600"]  # the test acts
+    with serve(args) as server:
+        backend, cluster = server.backend, server.backend.cluster
+
+        async def scenario() -> list[str]:
+            added = await cluster.add_worker("decode")
+            assert added.worker_id == "decode-1"
+            dead = cluster.worker("decode-0")
+            dead.target.shutdown()  # fails its next health check
+            replacing = asyncio.create_task(cluster.replace_unhealthy())
+            await asyncio.sleep(0.05)  # the replacement of decode-0 is being created
+            assert not replacing.done()
+            drain = backend.planner.retire("decode-0")
+            replaced = await replacing
+            await drain
+            return replaced
+
+        replaced = server.run(scenario, timeout_s=120)
+        assert replaced == []  # decode-0 was retired while its replacement started
+        assert [w.worker_id for w in cluster.decode] == ["decode-1"]
+        assert cluster.draining == []
+        assert health(server)["workers"] == {"prefill-0": True, "decode-1": True}
+
+        async def add() -> str:
+            return (await cluster.add_worker("decode")).worker_id
+
+        assert server.run(add, timeout_s=120) == "decode-2"  # never decode-0 again
+        prompt = words(40_000, 20)
+        ids = offline.completion_ids(prompt)
+        complete(server.client(), prompt, 6, stream=False).check(offline.greedy(ids, 6), len(ids))
