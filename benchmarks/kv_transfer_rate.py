@@ -7,6 +7,8 @@ and acknowledged the request as complete. The same run, with the same payloads, 
 
 - ``tcp``: a raw TCP socket (one ``sendall`` of the packed bytes into ``recv_into``; no pack,
   checksum or framing): the loopback ceiling for gRPC;
+- ``grpc_tls``: the gRPC transport over TLS (a self-signed CA made for the run; what
+  ``--kv-tls-*`` costs), with the cluster secret set;
 - ``grpc_raw``: gRPC alone: the same bytes as pre-encoded ``chunk_bytes`` messages over
   ``--grpc-streams`` calls into a handler that only counts them (what grpcio itself costs);
 - ``nixl``: the NIXL transport (one-sided UCX WRITEs cache to cache, per-block CRC-32C
@@ -34,8 +36,10 @@ import json
 import multiprocessing
 import os
 import platform
+import secrets
 import socket
 import sys
+import tempfile
 import time
 import zlib
 from dataclasses import asdict, replace
@@ -47,6 +51,7 @@ import torch
 from kv_transfer import KVLayout, KVTransferConfig, TransferTarget, get_transport
 from kv_transfer.base import ReceiverInfo
 from kv_transfer.layout import block_checksums, cache_layer_shape, gather_blocks, payload_bytes
+from kv_transfer.security import write_self_signed_tls
 
 GB = 1e9
 
@@ -180,6 +185,15 @@ def bench_grpc(
     layout: KVLayout, config: KVTransferConfig, src: list[torch.Tensor], repeats: int
 ) -> list[float]:
     return _bench_transport("grpc", layout, config, src, repeats)
+
+
+def bench_grpc_tls(
+    layout: KVLayout, config: KVTransferConfig, src: list[torch.Tensor], repeats: int
+) -> list[float]:
+    with tempfile.TemporaryDirectory() as directory:
+        tls = write_self_signed_tls(directory, "bench")
+        config = replace(config, secret=secrets.token_bytes(32), **tls)
+        return _bench_transport("grpc", layout, config, src, repeats)
 
 
 def _grpc_raw_main(conn: Connection, config: dict[str, Any]) -> None:
@@ -407,6 +421,7 @@ def bench_local(
 BENCHES = {
     "tcp": bench_tcp,
     "grpc": bench_grpc,
+    "grpc_tls": bench_grpc_tls,
     "grpc_raw": bench_grpc_raw,
     "nixl": bench_nixl,
     "nixl_contiguous": bench_nixl_contiguous,
@@ -477,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:>15}: {nbytes / best / GB:6.2f} GB/s best, {seconds=}")
     ratios = {
         "grpc_over_tcp": ("grpc", "tcp"),
+        "grpc_tls_over_grpc": ("grpc_tls", "grpc"),
         "grpc_raw_over_tcp": ("grpc_raw", "tcp"),
         "nixl_over_contiguous": ("nixl", "nixl_contiguous"),
         "nixl_over_tcp": ("nixl", "tcp"),

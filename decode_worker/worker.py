@@ -72,10 +72,18 @@ class DecodeWorker(EngineWorker):
         return self.receiver.info()
 
     async def reserve(
-        self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        output_token_ids: list[int] | None = None,
     ) -> Reservation:
+        """Blocks for the KV of the prompt (and, resuming a request, of the tokens it already
+        generated: ``output_token_ids``)."""
         return await self.run(
-            lambda e: self._reserve(e, request_id, prompt_token_ids, sampling_params)
+            lambda e: self._reserve(
+                e, request_id, prompt_token_ids, sampling_params, output_token_ids
+            )
         )
 
     def _reserve(
@@ -84,10 +92,15 @@ class DecodeWorker(EngineWorker):
         request_id: str,
         prompt_token_ids: list[int],
         sampling_params: SamplingParams,
+        output_token_ids: list[int] | None,
     ) -> Reservation:
         lease_s = self.kv_config.lease_s
         request = engine.reserve(
-            request_id, prompt_token_ids, sampling_params, time.monotonic() + lease_s
+            request_id,
+            prompt_token_ids,
+            sampling_params,
+            time.monotonic() + lease_s,
+            output_token_ids,
         )
         if request is None:
             stats = engine.stats()
@@ -153,14 +166,17 @@ class DecodeWorker(EngineWorker):
         request_id: str,
         prompt_token_ids: list[int],
         sampling_params: SamplingParams,
+        output_token_ids: list[int] | None = None,
         priority: int = 0,
     ) -> None:
-        """Prefill and decode here; the deltas leave through ``outputs``. Bad input raises
-        ``ValueError`` from this call."""
+        """Prefill and decode here (a resumed request after its ``output_token_ids``); the
+        deltas leave through ``outputs``. Bad input raises ``ValueError`` from this call."""
         self.loop.route(request_id)
         try:
             await self.run(
-                lambda e: e.add_request(request_id, prompt_token_ids, sampling_params, priority)
+                lambda e: e.add_request(
+                    request_id, prompt_token_ids, sampling_params, priority, output_token_ids
+                )
             )
         except BaseException:
             self.loop.drop_route(request_id)

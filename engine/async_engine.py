@@ -120,14 +120,18 @@ class AsyncEngine:
         prompt_token_ids: list[int],
         sampling_params: SamplingParams,
         priority: int = 0,
+        output_token_ids: list[int] | None = None,
     ) -> AsyncIterator[RequestDelta]:
-        """Add a request and yield its deltas (in-process readers); closing early aborts it."""
+        """Add a request and yield its deltas (in-process readers); closing early aborts it.
+        ``output_token_ids``: a resumed request's tokens so far (``LLMEngine.add_request``)."""
         deltas: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
         self.route(request_id, deltas.put_nowait)
         try:
             await asyncio.wrap_future(
                 self.call(
-                    lambda e: e.add_request(request_id, prompt_token_ids, sampling_params, priority)
+                    lambda e: e.add_request(
+                        request_id, prompt_token_ids, sampling_params, priority, output_token_ids
+                    )
                 )
             )
             while True:

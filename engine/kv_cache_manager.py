@@ -44,6 +44,7 @@ class KVCacheManager:
         self.block_pool = BlockPool(num_blocks, enable_prefix_caching)
         self._block_hashes: dict[str, list[int]] = {}  # request_id -> hashes of full blocks
         self._num_cached_blocks: dict[str, int] = {}  # request_id -> leading blocks cached
+        self._pins: dict[int, int] = {}  # block id -> references held by pin()
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
 
@@ -58,6 +59,11 @@ class KVCacheManager:
     @property
     def num_used_blocks(self) -> int:
         return self.block_pool.num_used_blocks
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        """Blocks held by at least one ``pin`` (not yet unpinned)."""
+        return len(self._pins)
 
     @property
     def usage(self) -> float:
@@ -153,8 +159,17 @@ class KVCacheManager:
         """Hold an extra reference on blocks that something outside the scheduler still reads
         (a KV transfer in flight), so that finishing their request cannot recycle them."""
         self.block_pool.touch(block_ids)
+        for block_id in block_ids:
+            self._pins[block_id] = self._pins.get(block_id, 0) + 1
 
     def unpin(self, block_ids: Sequence[int]) -> None:
+        for block_id in block_ids:
+            count = self._pins.get(block_id, 0)
+            assert count > 0, f"block {block_id} unpinned more often than pinned"
+            if count == 1:
+                del self._pins[block_id]
+            else:
+                self._pins[block_id] = count - 1
         self.block_pool.free(reversed(block_ids))
 
     def _update_block_hashes(self, request: Request) -> list[int]:

@@ -54,9 +54,15 @@ class LLMEngine:
         prompt_token_ids: list[int],
         sampling_params: SamplingParams,
         priority: int = 0,
+        output_token_ids: list[int] | None = None,
     ) -> Request:
-        """Queue a request. Raises ``ValueError`` for a prompt that can never be served."""
-        request = self.make_request(request_id, prompt_token_ids, sampling_params, priority)
+        """Queue a request. Raises ``ValueError`` for a prompt that can never be served.
+
+        ``output_token_ids``: tokens already generated for it elsewhere (a request resumed
+        after its worker died); it continues after them as if it had made them itself."""
+        request = self.make_request(
+            request_id, prompt_token_ids, sampling_params, priority, output_token_ids
+        )
         self.scheduler.add_request(request)
         return request
 
@@ -66,12 +72,21 @@ class LLMEngine:
         prompt_token_ids: list[int],
         sampling_params: SamplingParams,
         priority: int = 0,
+        output_token_ids: list[int] | None = None,
     ) -> Request:
-        """A validated ``Request`` for this engine, not yet queued."""
+        """A validated ``Request`` for this engine, not yet queued (``output_token_ids``: see
+        ``add_request``)."""
         if not prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
+        output_token_ids = list(output_token_ids or ())
+        max_tokens = sampling_params.max_tokens
+        if max_tokens is not None and len(output_token_ids) >= max_tokens:
+            raise ValueError(
+                f"the request already has {len(output_token_ids)} output tokens of its "
+                f"max_tokens={max_tokens}: nothing is left to generate"
+            )
         vocab_size = self.runner.geometry.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
+        bad = [t for t in (*prompt_token_ids, *output_token_ids) if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is out of range for vocab size {vocab_size}")
         if self.extra_eos_token_ids and not sampling_params.ignore_eos:
@@ -86,6 +101,7 @@ class LLMEngine:
             sampling_params=sampling_params,
             eos_token_id=self.eos_token_id,
             priority=priority,
+            output_token_ids=output_token_ids,
         )
 
     def abort_request(self, request_id: str) -> bool:
@@ -146,11 +162,15 @@ class LLMEngine:
         prompt_token_ids: list[int],
         sampling_params: SamplingParams,
         lease_deadline: float,
+        output_token_ids: list[int] | None = None,
     ) -> Request | None:
-        """Decode role: allocate the prompt's blocks for KV computed elsewhere, leased until
+        """Decode role: allocate the blocks of the prompt (and of ``output_token_ids``, for a
+        resumed request: see ``add_request``) for KV computed elsewhere, leased until
         ``lease_deadline`` (``time.monotonic()``). None when there is no room now. The
         returned request's ``block_ids`` / ``num_cached_tokens`` say where the KV goes."""
-        request = self.make_request(request_id, prompt_token_ids, sampling_params)
+        request = self.make_request(
+            request_id, prompt_token_ids, sampling_params, output_token_ids=output_token_ids
+        )
         if not self.scheduler.reserve_request(request, lease_deadline):
             return None
         return request

@@ -128,8 +128,8 @@ class ModelRunner:
             self._requests.pop(request_id, None)
             self._generators.pop(request_id, None)
             self._release_row(request_id)
-        # A preempted request keeps its generator: recomputing its KV draws nothing, so its
-        # next sample continues the same random stream as if it had never been preempted.
+        # A seeded request's generator is reseeded per output index (``step_seed``), so a
+        # preempted, resumed or migrated request draws what an uninterrupted one would.
         for request_id in scheduler_output.preempted_request_ids:
             self._requests.pop(request_id, None)
             self._release_row(request_id)

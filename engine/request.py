@@ -59,7 +59,8 @@ class Request:
     priority: int = 0  # lower runs first under the "priority" policy, as in vLLM
     arrival_time: float = field(default_factory=time.monotonic)
 
-    # Owned by the scheduler.
+    # Owned by the scheduler (``output_token_ids`` may start non-empty: a resumed request
+    # continues after the tokens another worker generated before it died).
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

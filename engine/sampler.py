@@ -10,8 +10,10 @@ Order of operations, per row:
    generated tokens, ``logit -= frequency * count + presence * (count > 0)``);
 4. greedy rows (``temperature == 0``) take the argmax here;
 5. other rows: divide by the temperature, then top-k, top-p, min-p (Hugging Face's order),
-   then draw. A request with a seed draws only from its own ``torch.Generator`` (one fixed
-   number of draws per step), so its tokens do not depend on its batch companions.
+   then draw. A request with a seed draws only from its own ``torch.Generator``, reseeded
+   before each draw from (seed, output index) by ``step_seed``: its k-th token depends on
+   nothing but the seed, k and the logits, so neither its batch companions nor the worker
+   that samples it (prefill worker, decode worker, or the one a request migrated to) matter.
 """
 
 from __future__ import annotations
@@ -27,6 +29,18 @@ from engine.scheduler_output import TokenLogprobs
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
     """The per-request generator for a request with ``SamplingParams.seed``."""
     return torch.Generator(device=device).manual_seed(seed)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def step_seed(seed: int, output_index: int) -> int:
+    """The generator seed for a seeded request's ``output_index``-th token: splitmix64 of
+    the pair, so neighbouring indices and seeds give unrelated streams."""
+    z = (seed * 0x9E3779B97F4A7C15 + (output_index + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
 
 
 @dataclass
@@ -84,8 +98,14 @@ def build_sampling_metadata(
     generators: dict[str, torch.Generator],
     device: torch.device,
 ) -> SamplingMetadata:
-    """Rows follow ``requests``; ``generators`` holds the seeded requests' generators."""
+    """Rows follow ``requests``; ``generators`` holds the seeded requests' generators, each
+    reseeded here for the token it is about to draw (``step_seed``)."""
     params = [r.sampling_params for r in requests]
+    for request in requests:
+        generator = generators.get(request.request_id)
+        if generator is not None:
+            seed = request.sampling_params.seed
+            generator.manual_seed(step_seed(seed, request.num_output_tokens))
 
     def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=device)

@@ -61,6 +61,7 @@ class SchedulerStats:
     num_total_blocks: int
     num_used_blocks: int
     num_free_blocks: int  # ref count 0, including evictable prefix-cache blocks
+    num_pinned_blocks: int  # held by a pin (a KV transfer reading them) until unpinned
     kv_cache_usage: float  # used / total
     prefix_cache_queries: int  # tokens looked up in the prefix cache
     prefix_cache_hits: int  # of those, tokens found
@@ -124,7 +125,8 @@ class Scheduler:
         self.waiting.push(request)
 
     def reserve_request(self, request: Request, lease_deadline: float | None = None) -> bool:
-        """Decode role: allocate blocks for the prompt's KV, which another worker computes.
+        """Decode role: allocate blocks for the prompt's KV (and its outputs', for a resumed
+        request), which another worker computes.
 
         On success ``request.block_ids`` is the block table to write and
         ``request.num_cached_tokens`` the leading tokens already present (prefix-cache hits:
@@ -134,7 +136,7 @@ class Scheduler:
         """
         self._validate(request)
         request.lease_deadline = lease_deadline
-        num_cached_tokens = self.kv_cache_manager.reserve(request, request.num_prompt_tokens)
+        num_cached_tokens = self.kv_cache_manager.reserve(request, request.num_tokens)
         if num_cached_tokens is None:
             return False
         self._admit(request)
@@ -145,8 +147,8 @@ class Scheduler:
     def add_prefilled_request(self, request: Request) -> bool:
         """Decode role: the reserved request's prompt KV is written, its first token sampled.
 
-        ``request.output_token_ids`` must hold the token(s) the prefill worker sampled. The
-        request is queued as computed up to its prompt and next scheduled as a decode.
+        ``request.output_token_ids`` must end with the token the prefill worker sampled. The
+        request is queued as computed up to that token and next scheduled as a decode.
         Returns False when that first token already finished it (stop token, ``max_tokens``,
         length): its blocks are freed and ``request.status`` says why.
         """
@@ -156,7 +158,7 @@ class Scheduler:
             raise ValueError(f"request {request.request_id!r} has no sampled first token")
         del self.reserved[request.request_id]
         request.lease_deadline = None
-        request.num_computed_tokens = request.num_prompt_tokens
+        request.num_computed_tokens = request.num_tokens - 1  # all but the sampled token
         self.kv_cache_manager.cache_full_blocks(request)
         status = self._check_stop(request)
         if status is not None:
@@ -345,6 +347,7 @@ class Scheduler:
             num_total_blocks=kv.num_blocks,
             num_used_blocks=kv.num_used_blocks,
             num_free_blocks=kv.num_free_blocks,
+            num_pinned_blocks=kv.num_pinned_blocks,
             kv_cache_usage=kv.usage,
             prefix_cache_queries=kv.prefix_cache_queries,
             prefix_cache_hits=kv.prefix_cache_hits,
@@ -366,10 +369,10 @@ class Scheduler:
             raise ValueError(f"request {request.request_id!r} was already scheduled")
         if not request.prompt_token_ids:
             raise ValueError(f"request {request.request_id!r} has an empty prompt")
-        if request.num_prompt_tokens >= self.max_model_len:
+        if request.num_tokens >= self.max_model_len:
             kv_tokens = self.kv_cache_manager.num_blocks * self.block_size
             raise ValueError(
-                f"request {request.request_id!r}: prompt has {request.num_prompt_tokens} "
+                f"request {request.request_id!r}: prompt has {request.num_tokens} "
                 f"tokens, which leaves no room to generate under max_model_len "
                 f"{self.max_model_len} (the KV cache holds {kv_tokens} tokens: "
                 f"{self.kv_cache_manager.num_blocks} blocks of {self.block_size})"

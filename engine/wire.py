@@ -43,12 +43,13 @@ class WorkerStats:
     num_running: int
     num_reserved: int  # decode: requests whose KV is still arriving
     num_total_blocks: int
-    num_free_blocks: int
+    num_free_blocks: int  # ref count 0, including evictable prefix-cache blocks
     prefix_cache_queries: int  # tokens
     prefix_cache_hits: int  # tokens
     num_preemptions: int
     block_size: int
     uptime_s: float
+    num_pinned_blocks: int = 0  # prefill: blocks held for a KV transfer still reading them
 
 
 @dataclass(frozen=True)

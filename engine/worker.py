@@ -77,6 +77,7 @@ class EngineWorker:
             num_reserved=s.num_reserved,
             num_total_blocks=s.num_total_blocks,
             num_free_blocks=s.num_free_blocks,
+            num_pinned_blocks=s.num_pinned_blocks,
             prefix_cache_queries=s.prefix_cache_queries,
             prefix_cache_hits=s.prefix_cache_hits,
             num_preemptions=s.num_preemptions,

@@ -26,10 +26,11 @@ remote blocks, and the receiver is notified per write (``KVChunk`` without a pay
 from __future__ import annotations
 
 import enum
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.wire import TransferBreakdown  # the router reads it too: torch-free
 
@@ -54,6 +55,19 @@ class KVTransferConfig:
     lease_s: float = 60.0  # a reservation not complete after this is dropped by expire()
     num_server_threads: int = 16  # gRPC receiver: concurrent incoming request streams
     num_streams: int = 2  # gRPC: concurrent calls (connections) per request's transfer
+    # The cluster secret every KV stream and NIXL pairing message is authenticated with
+    # (kv_transfer.security). Empty: not checked; a Cluster always fills it. Never printed.
+    secret: bytes = field(default=b"", repr=False)
+    # gRPC over TLS: all three PEM files, or none. The sender checks the decode worker's
+    # certificate against tls_ca, for the name tls_server_name (default: the address's host).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_server_name: str = ""
+    # TEST ONLY (fault injection): each transfer's payload is corrupted in flight with this
+    # probability, among the sender's first fault_corrupt_first transfers (0: all of them).
+    fault_corrupt_rate: float = 0.0
+    fault_corrupt_first: int = 0
 
     def __post_init__(self) -> None:
         if not self.transport:
@@ -75,6 +89,40 @@ class KVTransferConfig:
             raise ValueError(f"num_server_threads must be positive, got {self.num_server_threads}")
         if self.num_streams <= 0:
             raise ValueError(f"num_streams must be positive, got {self.num_streams}")
+        if not isinstance(self.secret, bytes):
+            raise ValueError(f"secret must be bytes, got {type(self.secret).__name__}")
+        self._check_tls()
+        if not 0.0 <= self.fault_corrupt_rate <= 1.0:
+            raise ValueError(f"fault_corrupt_rate must be in [0, 1], got {self.fault_corrupt_rate}")
+        if self.fault_corrupt_first < 0:
+            raise ValueError(f"fault_corrupt_first must be >= 0, got {self.fault_corrupt_first}")
+        if self.fault_corrupt_first and not self.fault_corrupt_rate:
+            raise ValueError(
+                f"fault_corrupt_first={self.fault_corrupt_first} needs a fault_corrupt_rate > 0"
+            )
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    def _check_tls(self) -> None:
+        files = {"tls_cert": self.tls_cert, "tls_key": self.tls_key, "tls_ca": self.tls_ca}
+        given = [name for name, path in files.items() if path]
+        if not given:
+            if self.tls_server_name:
+                raise ValueError("tls_server_name is set without TLS (--kv-tls-cert/key/ca)")
+            return
+        if self.transport != "grpc":
+            raise ValueError(f"TLS (--kv-tls-*) needs the grpc transport, got {self.transport!r}")
+        for name, path in files.items():
+            flag = "--kv-" + name.replace("_", "-")
+            if not path:
+                raise ValueError(
+                    f"{name} ({flag}) is missing: TLS needs --kv-tls-cert, --kv-tls-key and "
+                    f"--kv-tls-ca together (given: {', '.join(given)})"
+                )
+            if not os.path.isfile(path):
+                raise ValueError(f"{name} ({flag}) file {path!r} does not exist")
 
 
 @dataclass(frozen=True)
@@ -161,6 +209,10 @@ class ChecksumError(KVTransferError):
 
 class InvalidChunkError(KVTransferError):
     """A block outside the reservation, sent twice, a bad layer or size (INVALID_ARGUMENT)."""
+
+
+class AuthenticationError(KVTransferError):
+    """The peer did not present the cluster's KV secret (UNAUTHENTICATED)."""
 
 
 class TransferFailedError(KVTransferError):

@@ -10,6 +10,12 @@ threads; each call pulls messages from a bounded queue the sender thread fills, 
 ``max_inflight_chunks`` messages per request wait in memory.
 The call's deadline is the reservation's lease. Messages cross gRPC as bytes encoded and
 decoded by ``grpc_codec`` (one payload copy on the sender, none on the receiver).
+
+Authentication (``kv_transfer.security``): with a cluster secret, each call's metadata names
+its request and epoch and carries their HMAC; the servicer checks it before it reads a
+message (``UNAUTHENTICATED`` otherwise) and refuses chunks of any other request, so a stream
+without the secret never reaches the receiver, let alone the cache. TLS (``--kv-tls-*``):
+the server presents its certificate, the sender checks it against the CA.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import grpc
 import torch
 
-from kv_transfer import grpc_codec
+from kv_transfer import grpc_codec, security
 from kv_transfer.base import (
+    AuthenticationError,
     ChecksumError,
     InvalidChunkError,
     KVChunk,
@@ -58,10 +65,16 @@ _STATUS_CODES: dict[type[KVTransferError], grpc.StatusCode] = {
     TransferFailedError: grpc.StatusCode.ABORTED,
     TransferAbortedError: grpc.StatusCode.CANCELLED,
     TransportError: grpc.StatusCode.UNAVAILABLE,
+    AuthenticationError: grpc.StatusCode.UNAUTHENTICATED,
 }
 _ERRORS_BY_NAME = {cls.__name__: cls for cls in _STATUS_CODES}
 _WILDCARD_HOSTS = ("", "0.0.0.0", "[::]")
 _POLL_S = 0.05  # how often a blocked queue put/get rechecks that the call is still alive
+# Call metadata of an authenticated stream: its request (bytes: "-bin"), epoch and HMAC.
+_AUTH_REQUEST_KEY = "pdserve-kv-request-bin"
+_AUTH_EPOCH_KEY = "pdserve-kv-epoch"
+_AUTH_KEY = "pdserve-kv-auth"
+_AUTH_PURPOSE = "pdserve-kv-grpc-stream-v1"
 
 
 def _options(config: KVTransferConfig) -> list[tuple[str, int]]:
@@ -69,6 +82,37 @@ def _options(config: KVTransferConfig) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
     ]
+
+
+def _stream_metadata(secret: bytes, target: TransferTarget) -> tuple[tuple[str, str | bytes], ...]:
+    if not secret:
+        return ()
+    token = security.authenticator(secret, _AUTH_PURPOSE, target.request_id, target.epoch)
+    return (
+        (_AUTH_REQUEST_KEY, target.request_id.encode()),
+        (_AUTH_EPOCH_KEY, str(target.epoch)),
+        (_AUTH_KEY, token),
+    )
+
+
+def _authenticated_stream(secret: bytes, context: grpc.ServicerContext) -> tuple[str, int]:
+    """The (request id, epoch) the call's metadata proves it may write; raises
+    AuthenticationError for a missing or wrong authenticator."""
+    metadata = dict(context.invocation_metadata() or ())
+    token, raw_request, raw_epoch = (
+        metadata.get(_AUTH_KEY),
+        metadata.get(_AUTH_REQUEST_KEY),
+        metadata.get(_AUTH_EPOCH_KEY),
+    )
+    if not (isinstance(token, str) and isinstance(raw_request, bytes) and raw_epoch):
+        raise AuthenticationError(f"KV stream from {context.peer()} presents no authenticator")
+    request_id, epoch = raw_request.decode(errors="replace"), int(str(raw_epoch))
+    if not security.verify(secret, token, _AUTH_PURPOSE, request_id, epoch):
+        raise AuthenticationError(
+            f"KV stream from {context.peer()} for {request_id!r}: wrong authenticator "
+            "(another cluster's secret?)"
+        )
+    return request_id, epoch
 
 
 def _error_from_rpc(error: grpc.RpcError) -> KVTransferError:
@@ -81,16 +125,30 @@ def _error_from_rpc(error: grpc.RpcError) -> KVTransferError:
 class _KVTransferServicer:
     """Translates ``PushKV`` messages into ``KVReceiver.receive`` calls."""
 
-    def __init__(self, receiver: KVReceiver) -> None:
+    def __init__(self, receiver: KVReceiver, secret: bytes) -> None:
         self._receiver = receiver
+        self._secret = secret
 
     def push_kv(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         first: KVChunk | None = None
         num_chunks = num_blocks = 0
         complete, verify_s = False, 0.0
+        allowed: tuple[str, int] | None = None  # what the call's authenticator covers
+        if self._secret:
+            try:
+                allowed = _authenticated_stream(self._secret, context)
+            except (AuthenticationError, ValueError) as error:  # before reading any message
+                logger.warning("refused KV stream: %s", error)
+                context.set_trailing_metadata(((_ERROR_KEY, AuthenticationError.__name__),))
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
         for raw in request_iterator:
             try:
                 chunk = grpc_codec.decode_chunk(raw)
+                if allowed is not None and (chunk.request_id, chunk.epoch) != allowed:
+                    raise AuthenticationError(
+                        f"stream authenticated for {allowed[0]!r} epoch {allowed[1]} carries "
+                        f"{chunk.request_id!r} epoch {chunk.epoch}"
+                    )
                 if chunk.payload is None:
                     raise InvalidChunkError("a gRPC KVChunk must carry its blocks' payload")
                 if first is None:
@@ -143,14 +201,27 @@ class _GrpcEndpoint:
             advertise_host = _node_address()  # what other nodes dial: the Ray node's address
         self._executor = ThreadPoolExecutor(config.num_server_threads, thread_name_prefix="kv-recv")
         self._server = grpc.server(self._executor, options=_options(config))
-        self._server.add_generic_rpc_handlers((_KVTransferServicer(receiver).handler(),))
+        servicer = _KVTransferServicer(receiver, config.secret)
+        self._server.add_generic_rpc_handlers((servicer.handler(),))
         try:
-            port = self._server.add_insecure_port(address)
+            if config.tls:
+                credentials = grpc.ssl_server_credentials(
+                    [(_read(config.tls_key), _read(config.tls_cert))]
+                )
+                port = self._server.add_secure_port(address, credentials)
+            else:
+                port = self._server.add_insecure_port(address)
         except RuntimeError as error:
             raise TransportError(f"cannot bind the KV receiver to {address!r}: {error}") from error
         self._server.start()
         self.address = f"{advertise_host or host}:{port}"
-        logger.info("KV receiver listening on %s (advertised %s)", address, self.address)
+        logger.info(
+            "KV receiver listening on %s (advertised %s; %s, %s)",
+            address,
+            self.address,
+            "TLS" if config.tls else "plaintext",
+            "authenticated streams" if config.secret else "UNAUTHENTICATED streams accepted",
+        )
 
     def revoke(self, request_id: str) -> None:
         """Nothing to do: every later write of the request is refused in ``receive``."""
@@ -158,6 +229,14 @@ class _GrpcEndpoint:
     def close(self) -> None:
         self._server.stop(grace=None).wait()
         self._executor.shutdown(wait=True)
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise TransportError(f"cannot read the KV TLS file {path!r}: {error}") from error
 
 
 class _GrpcCall(ChunkStream):
@@ -168,6 +247,7 @@ class _GrpcCall(ChunkStream):
         push_kv: grpc.StreamUnaryMultiCallable,
         target: TransferTarget,
         max_inflight_chunks: int,
+        metadata: tuple[tuple[str, str | bytes], ...] = (),
     ) -> None:
         timeout = target.deadline - time.time()
         if timeout <= 0:
@@ -175,7 +255,7 @@ class _GrpcCall(ChunkStream):
         self._target = target
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=max_inflight_chunks)
         self._closed = threading.Event()  # the call ended, or was cancelled
-        self._call = push_kv.future(self._messages(), timeout=timeout)
+        self._call = push_kv.future(self._messages(), timeout=timeout, metadata=metadata)
         self._call.add_done_callback(lambda _: self._closed.set())
 
     def write(self, chunk: KVChunk) -> None:
@@ -297,8 +377,7 @@ class _GrpcOpener(StreamOpener):
                 # from sharing one.
                 options = [*_options(self._config), ("grpc.use_local_subchannel_pool", 1)]
                 channels = [
-                    grpc.insecure_channel(target.address, options=options)
-                    for _ in range(self._config.num_streams)
+                    self._channel(target.address, options) for _ in range(self._config.num_streams)
                 ]
                 self._channels[target.address] = channels
                 # Messages are encoded by the sender thread (grpc_codec): no serializer here.
@@ -309,8 +388,18 @@ class _GrpcOpener(StreamOpener):
                     for channel in channels
                 ]
         per_call = max(1, self._config.max_inflight_chunks // len(push_kv))
-        calls = [_GrpcCall(p, target, per_call) for p in push_kv]
+        metadata = _stream_metadata(self._config.secret, target)
+        calls = [_GrpcCall(p, target, per_call, metadata) for p in push_kv]
         return calls[0] if len(calls) == 1 else _GrpcStream(calls, target)
+
+    def _channel(self, address: str, options: list[tuple[str, int | str]]) -> grpc.Channel:
+        config = self._config
+        if not config.tls:
+            return grpc.insecure_channel(address, options=options)
+        credentials = grpc.ssl_channel_credentials(root_certificates=_read(config.tls_ca))
+        if config.tls_server_name:
+            options = [*options, ("grpc.ssl_target_name_override", config.tls_server_name)]
+        return grpc.secure_channel(address, credentials, options=options)
 
     def close(self) -> None:
         with self._lock:

@@ -46,6 +46,7 @@ class NixlPeerInfo:
     layer_addresses: tuple[int, ...]  # data_ptr() of each layer's [2, num_blocks, B, H, D]
     mem_type: str  # "DRAM" | "VRAM"
     device_id: int
+    auth: str = ""  # security.authenticator(secret, "nixl-receiver", agent_name); "" without
 
     def encode(self) -> bytes:
         fields = asdict(self) | {"agent_metadata": self.agent_metadata.hex()}

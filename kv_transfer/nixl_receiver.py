@@ -9,6 +9,9 @@ check the layout), grants (is this reservation and epoch live?), each WRITE's ``
 (handed to ``KVReceiver.receive_timed``: reservation, epoch, layout, each block's checksum
 over the bytes that landed) and finishes (acknowledge once every write was verified).
 ``revoke`` (a reservation dropped before completing) tells the request's writer to stop.
+With a cluster secret, a hello or grant without this cluster's authenticator is refused
+(the hello's agent is not loaded, the grant not given) and notifications from agents that
+did not pair are dropped (see ``kv_transfer.nixl_transport``).
 """
 
 from __future__ import annotations
@@ -23,8 +26,14 @@ from dataclasses import dataclass
 
 import torch
 
-from kv_transfer import grpc_codec
-from kv_transfer.base import KVChunk, KVTransferError, TransferResult, TransportError
+from kv_transfer import grpc_codec, security
+from kv_transfer.base import (
+    AuthenticationError,
+    KVChunk,
+    KVTransferError,
+    TransferResult,
+    TransportError,
+)
 from kv_transfer.nixl_agent import (
     ACK,
     ACTIVE_POLL_S,
@@ -63,9 +72,14 @@ class NixlEndpoint:
     transport = "nixl"
 
     def __init__(
-        self, receiver: KVReceiver, kv_caches: Sequence[torch.Tensor], address: str
+        self,
+        receiver: KVReceiver,
+        kv_caches: Sequence[torch.Tensor],
+        address: str,
+        secret: bytes = b"",
     ) -> None:
         self._receiver = receiver
+        self._secret = secret
         self.address = address or f"nixl-{uuid.uuid4().hex[:12]}"
         self._agent = NixlAgent(f"{self.address}/{time.time_ns()}", kv_caches)
         self.metadata = NixlPeerInfo(
@@ -76,6 +90,9 @@ class NixlEndpoint:
             layer_addresses=self._agent.layer_addresses,
             mem_type=self._agent.mem_type,
             device_id=self._agent.device_id,
+            auth=(
+                security.authenticator(secret, "nixl-receiver", self._agent.name) if secret else ""
+            ),
         ).encode()
         self._peers: set[str] = set()
         self._incoming: dict[tuple[str, str, int], _Incoming] = {}
@@ -119,6 +136,11 @@ class NixlEndpoint:
 
     def _handle(self, sender: str, message: bytes) -> None:
         kind, body = message[:1], message[1:]
+        if self._secret and kind != HELLO and sender not in self._peers:
+            logger.warning(
+                "NIXL notification %r from %s, which did not pair: dropped", kind, sender
+            )
+            return
         if kind == CHUNK:
             self._on_chunk(sender, grpc_codec.decode_chunk(body))
         elif kind == FINISH:
@@ -133,7 +155,23 @@ class NixlEndpoint:
         else:
             logger.warning("unknown NIXL notification %r from %s", kind, sender)
 
+    def _authentic(self, fields: dict, purpose: str, sender: str, *parts: str | int) -> bool:
+        if not self._secret:
+            return True
+        token = fields.get("auth") or ""
+        return security.verify(
+            self._secret, token, f"nixl-{purpose}", sender, self._agent.name, *parts
+        )
+
     def _on_hello(self, sender: str, fields: dict) -> None:
+        if not self._authentic(fields, "hello", sender, fields["metadata"]):
+            # Not loaded, so not answered: the prefill side's handshake times out.
+            logger.warning(
+                "refused NIXL pairing from %s: %s this cluster's KV authenticator",
+                sender,
+                "wrong" if fields.get("auth") else "without",
+            )
+            return
         if sender in self._peers:  # the prefill worker re-handshakes: reload its agent
             self._agent.agent.remove_remote_agent(sender)
         self._agent.agent.add_remote_agent(bytes.fromhex(fields["metadata"]))
@@ -150,6 +188,10 @@ class NixlEndpoint:
         request_id, epoch = fields["request_id"], fields["epoch"]
         error = ""
         try:
+            if not self._authentic(fields, "grant", sender, request_id, epoch):
+                raise AuthenticationError(
+                    f"grant of {request_id!r} from {sender}: wrong KV authenticator"
+                )
             with self._writers_lock:  # recorded first: a cancel from now on revokes it
                 self._writers[request_id] = (sender, epoch)
             self._receiver.check_epoch(request_id, epoch)

@@ -37,6 +37,16 @@ the target's lease ended. A write is only recorded when its notification passes 
 reservation table. What remains: WRITEs already posted when the reservation is dropped can
 still land (bounded by ``max_inflight_chunks`` and one notification's latency; see README).
 
+Authentication (``kv_transfer.security``), with a cluster secret: the decode worker's
+``NixlPeerInfo`` carries an authenticator of its agent name, checked by the prefill side
+before it handshakes (a clear ``AuthenticationError`` at pairing time when the secrets
+differ); ``H`` and ``G`` carry authenticators of the prefill agent, which the decode side
+checks before it loads the peer's metadata or grants a reservation; a peer that fails gets no
+answer (its metadata is never loaded, so it cannot be answered), no grant, and its
+notifications are dropped. One-sided WRITEs themselves cannot be authenticated: whoever holds
+the decode worker's memory keys (its agent metadata) can write into its registered cache, so
+the metadata must travel only over the control plane (see README "Security").
+
 Threads: NIXL agents are not thread-safe by default; both agents here are created with
 ``NIXL_THREAD_SYNC_STRICT`` (NIXL serializes calls), because the sender thread posts writes,
 a control thread handshakes and one poller thread per agent reads notifications. NIXL's own
@@ -55,10 +65,12 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from kv_transfer import grpc_codec
+from kv_transfer import grpc_codec, security
 from kv_transfer.base import (
+    AuthenticationError,
     KVChunk,
     KVSender,
     KVTransferConfig,
@@ -71,6 +83,7 @@ from kv_transfer.base import (
     TransportError,
     UnknownRequestError,
 )
+from kv_transfer.faults import corrupt_bytes
 from kv_transfer.layout import PackFn, UnpackFn
 from kv_transfer.nixl_agent import (
     ACK,
@@ -126,7 +139,9 @@ class _NixlStream(ChunkStream):
     def write(self, chunk: KVChunk) -> None:
         raise TypeError("the nixl transport writes blocks in place: use write_blocks")
 
-    def write_blocks(self, chunk: KVChunk, src_block_ids: Sequence[int]) -> None:
+    def write_blocks(
+        self, chunk: KVChunk, src_block_ids: Sequence[int], *, corrupt: bool = False
+    ) -> None:
         self._check_live()
         if time.time() >= self._target.deadline:
             raise TransferAbortedError(
@@ -134,23 +149,33 @@ class _NixlStream(ChunkStream):
             )
         if self.num_chunks == 0:
             self._wait_granted()
-        opener, agent = self._opener, self._opener.agent.agent
+        opener = self._opener
+        src = region_indices(chunk.layer, src_block_ids, opener.agent.num_blocks)
+        dst = region_indices(chunk.layer, chunk.block_ids, self._peer.info.num_blocks)
+        notification = CHUNK + grpc_codec.encode_chunk(chunk)
+        if corrupt:  # fault injection: the first block's K lands from a flipped copy
+            with opener.fault_lock:
+                self._post(opener.local_regions, src[1:], dst[1:], b"")
+                scratch = opener.fault_scratch(chunk.layer, src_block_ids[0])
+                self._post(scratch, np.zeros(1, dtype=np.int32), dst[:1], notification)
+                while not self.poll_writes():  # the scratch is reused: wait until it landed
+                    time.sleep(ACTIVE_POLL_S)
+        else:
+            self._post(opener.local_regions, src, dst, notification)
+        self.num_chunks += 1
+        while len(self._handles) >= opener.max_inflight and not self.poll_writes():
+            time.sleep(ACTIVE_POLL_S)  # backpressure: bounded posted WRITEs
+
+    def _post(self, local, src: np.ndarray, dst: np.ndarray, notification: bytes) -> None:
+        agent = self._opener.agent.agent
         handle = agent.make_prepped_xfer(
-            "WRITE",
-            opener.local_regions,
-            region_indices(chunk.layer, src_block_ids, opener.agent.num_blocks),
-            self._peer.remote_regions,
-            region_indices(chunk.layer, chunk.block_ids, self._peer.info.num_blocks),
-            CHUNK + grpc_codec.encode_chunk(chunk),
+            "WRITE", local, src, self._peer.remote_regions, dst, notification
         )
         if agent.transfer(handle) == "ERR":
             handle.release()
             self._opener.drop_peer(self._peer)
             raise TransportError(f"NIXL WRITE to {self._peer.remote_name} failed")
         self._handles.append(handle)
-        self.num_chunks += 1
-        while len(self._handles) >= opener.max_inflight and not self.poll_writes():
-            time.sleep(ACTIVE_POLL_S)  # backpressure: bounded posted WRITEs
 
     def poll_writes(self) -> bool:
         """Release finished WRITEs; True when none is left in flight. Raises on a failed one."""
@@ -184,7 +209,9 @@ class _NixlStream(ChunkStream):
     def _wait_granted(self) -> None:
         """Ask the decode worker whether the reservation is live before the first WRITE."""
         request_id, epoch = self.key[1], self.key[2]
-        grant = encode_message(GRANT, request_id=request_id, epoch=epoch)
+        opener = self._opener
+        auth = opener.authenticator("grant", self._peer.remote_name, request_id, epoch)
+        grant = encode_message(GRANT, request_id=request_id, epoch=epoch, auth=auth)
         self._opener.agent.agent.send_notif(self._peer.remote_name, grant)
         try:
             self.granted.result(timeout=HANDSHAKE_TIMEOUT_S)
@@ -210,6 +237,10 @@ class NixlOpener(StreamOpener):
     def __init__(self, kv_caches: Sequence[torch.Tensor], config: KVTransferConfig) -> None:
         self.agent = NixlAgent(f"pdserve-prefill-{uuid.uuid4().hex[:12]}", kv_caches)
         self.max_inflight = config.max_inflight_chunks
+        self._secret = config.secret
+        self._kv_caches = list(kv_caches)
+        self.fault_lock = threading.Lock()
+        self._scratch: tuple[torch.Tensor, object, object] | None = None  # fault injection
         rows = self.agent.regions(
             self.agent.layer_addresses, self.agent.num_blocks, self.agent.device_id
         )
@@ -232,8 +263,47 @@ class NixlOpener(StreamOpener):
             self._streams[stream.key] = stream
         return stream
 
+    def authenticator(self, purpose: str, receiver: str, *parts: str | int) -> str:
+        """This prefill agent's authenticator of a message to ``receiver`` ("" without a
+        secret); ``NixlEndpoint`` checks it."""
+        if not self._secret:
+            return ""
+        name = self.agent.name
+        return security.authenticator(self._secret, f"nixl-{purpose}", name, receiver, *parts)
+
+    def _check_receiver(self, address: str, info: NixlPeerInfo) -> None:
+        """Pair only with a decode worker that holds the same cluster secret."""
+        if not self._secret and not info.auth:
+            return
+        if not self._secret:
+            raise AuthenticationError(
+                f"decode worker {address} requires the cluster's KV secret; this prefill "
+                "worker has none (--kv-secret-file / $PDSERVE_KV_SECRET)"
+            )
+        if not security.verify(self._secret, info.auth, "nixl-receiver", info.agent_name):
+            raise AuthenticationError(
+                f"decode worker {address} ({info.agent_name}) does not hold this cluster's KV "
+                "secret (its authenticator does not match): refusing to pair"
+            )
+
+    def fault_scratch(self, layer: int, src_block: int) -> object:
+        """Fault injection: a registered one-region copy of (layer, K, ``src_block``) with one
+        byte flipped; its prepared descriptor list. The cache itself is never touched."""
+        if self._scratch is None:
+            half = self.agent.layout.block_nbytes // 2
+            scratch = torch.empty(half, dtype=torch.uint8, device=self._kv_caches[0].device)
+            registered = self.agent.agent.register_memory([scratch])
+            rows = np.array([[scratch.data_ptr(), half, self.agent.device_id]], dtype=np.int64)
+            regions = self.agent.agent.prep_xfer_dlist("", rows, self.agent.mem_type)
+            self._scratch = (scratch, registered, regions)
+        scratch, _, regions = self._scratch
+        scratch.copy_(self._kv_caches[layer][0, src_block].reshape(-1).view(torch.uint8))
+        corrupt_bytes(scratch)
+        return regions
+
     def _peer(self, address: str, metadata: bytes) -> _Peer:
         info = NixlPeerInfo.decode(metadata)
+        self._check_receiver(address, info)
         with self._lock:
             peer = self._peers.get(address)
             stale = peer is not None and peer.info.agent_name != info.agent_name
@@ -253,7 +323,8 @@ class NixlOpener(StreamOpener):
             self.drop_peer(peer)
             raise TransportError(
                 f"NIXL handshake with {address} ({info.agent_name}) got no answer in "
-                f"{HANDSHAKE_TIMEOUT_S:.0f} s"
+                f"{HANDSHAKE_TIMEOUT_S:.0f} s (unreachable, or it refused this worker's KV "
+                "authenticator: see its log)"
             ) from None
         except KVTransferError:
             self.drop_peer(peer)
@@ -271,8 +342,10 @@ class NixlOpener(StreamOpener):
         rows = self.agent.regions(info.layer_addresses, info.num_blocks, info.device_id)
         peer = _Peer(info, remote_name, agent.prep_xfer_dlist(remote_name, rows, info.mem_type))
         self._peers[address] = peer
+        metadata = agent.get_agent_metadata().hex()
+        auth = self.authenticator("hello", remote_name, metadata)
         hello = encode_message(
-            HELLO, metadata=agent.get_agent_metadata().hex(), layout=self.agent.layout.signature
+            HELLO, metadata=metadata, layout=self.agent.layout.signature, auth=auth
         )
         agent.send_notif(remote_name, hello)
         logger.info("NIXL handshake with decode worker %s (agent %s)", address, remote_name)
@@ -319,6 +392,10 @@ class NixlOpener(StreamOpener):
             for address, peer in list(self._peers.items()):
                 self._forget_locked(address, peer)
         self.local_regions.release()
+        if self._scratch is not None:
+            _, registered, regions = self._scratch
+            regions.release()
+            self.agent.agent.deregister_memory(registered)
         self.agent.close()
 
     # -- poller thread ---------------------------------------------------------------------
@@ -446,5 +523,7 @@ class NixlTransport(Transport):
             if not layer.is_contiguous():
                 raise ValueError(f"KV cache layer {i} must be contiguous to register with NIXL")
         return KVReceiver(
-            kv_caches, config, lambda receiver: NixlEndpoint(receiver, kv_caches, address)
+            kv_caches,
+            config,
+            lambda receiver: NixlEndpoint(receiver, kv_caches, address, config.secret),
         )

@@ -42,6 +42,7 @@ from kv_transfer.base import (
     TransferResult,
     TransferTarget,
 )
+from kv_transfer.faults import FaultInjector, corrupt_bytes
 from kv_transfer.layout import (
     KVLayout,
     PackFn,
@@ -64,10 +65,13 @@ class ChunkStream(ABC):
         """Send one chunk. May block (backpressure); must not keep ``chunk.payload`` after
         returning. Raises the KVTransferError that ended the stream, if one did."""
 
-    def write_blocks(self, chunk: KVChunk, src_block_ids: Sequence[int]) -> None:
+    def write_blocks(
+        self, chunk: KVChunk, src_block_ids: Sequence[int], *, corrupt: bool = False
+    ) -> None:
         """One-sided transports: write ``src_block_ids`` of the local cache into
         ``chunk.block_ids`` of the remote one, and notify with ``chunk`` (no payload). May
-        return before the bytes land; ``finish`` waits for them."""
+        return before the bytes land; ``finish`` waits for them. ``corrupt`` (fault injection,
+        ``kv_transfer.faults``): land one block's bytes altered, the source untouched."""
         raise NotImplementedError(f"{type(self).__name__} carries payloads")
 
     @abstractmethod
@@ -119,6 +123,7 @@ class _Outgoing:
     stream: ChunkStream | None = None
     error: BaseException | None = None
     num_chunks: int = 0
+    corrupt: bool = False  # fault injection: the next chunk lands altered (then cleared)
     # time.monotonic() of: the first send_layer (caller's thread), the sender thread taking
     # its first layer, its first and its latest write (the breakdown of the transfer time).
     enqueued_at: float | None = None
@@ -163,6 +168,7 @@ class StreamingKVSender(KVSender):
         self._num_blocks = int(kv_caches[0].shape[1])
         self._blocks_per_chunk = max(1, config.chunk_bytes // self.layout.block_nbytes)
         self._opener = opener
+        self._faults = FaultInjector(config)
         self._pack_fn = pack_fn or pack_fns(kv_caches[0].device)[0]
         self._lock = threading.Lock()
         self._requests: dict[str, _Outgoing] = {}
@@ -219,7 +225,12 @@ class StreamingKVSender(KVSender):
             if target.request_id in self._requests:
                 raise ValueError(f"transfer of request {target.request_id!r} already begun")
             lane = self._lane(target.address)
-            self._requests[target.request_id] = _Outgoing(target, frozenset(target.block_ids), lane)
+            self._requests[target.request_id] = _Outgoing(
+                target,
+                frozenset(target.block_ids),
+                lane,
+                corrupt=self._faults.pick(target.request_id),
+            )
 
     def send_layer(
         self,
@@ -338,6 +349,9 @@ class StreamingKVSender(KVSender):
                 payload=payload,
                 checksum=checksum(payload),
             )
+            if outgoing.corrupt:  # after the checksum: the bytes sent differ from the source
+                corrupt_bytes(packed)
+                outgoing.corrupt = False
             if outgoing.aborted:
                 return
             if outgoing.stream is None:
@@ -370,7 +384,8 @@ class StreamingKVSender(KVSender):
             if outgoing.aborted:
                 outgoing.stream.cancel()
                 return
-        outgoing.stream.write_blocks(chunk, job.src_block_ids)
+        outgoing.stream.write_blocks(chunk, job.src_block_ids, corrupt=outgoing.corrupt)
+        outgoing.corrupt = False
         _wrote(outgoing)
 
     def _finish(self, outgoing: _Outgoing, future: Future[TransferResult]) -> None:

@@ -116,10 +116,13 @@ class PrefillWorker(EngineWorker):
         sampling_params: SamplingParams,
         target: TransferTarget | None,
         num_skip_blocks: int = 0,
+        output_token_ids: list[int] | None = None,
     ) -> PrefillResult:
         """Prefill, stream the KV to ``target`` and return the first token.
 
         ``target`` None: the decode worker already holds every block; nothing is sent.
+        ``output_token_ids``: resuming a request, the tokens it already generated; they are
+        prefilled after the prompt and the token returned is the one after them.
         """
         result: Future[TransferStats] = Future()
         self._results[request_id] = result
@@ -129,11 +132,17 @@ class PrefillWorker(EngineWorker):
             await self.run(lambda e: self._transfers.__setitem__(request_id, transfer))
         else:
             result.set_result(TransferStats(request_id, 0, 0.0))
-        params = replace(
-            sampling_params, max_tokens=1, min_tokens=min(1, sampling_params.min_tokens)
+        num_outputs = len(output_token_ids or ())
+        params = replace(  # one token more than it has
+            sampling_params,
+            max_tokens=num_outputs + 1,
+            min_tokens=min(num_outputs + 1, sampling_params.min_tokens),
         )
         try:
-            async for delta in self.loop.generate(request_id, prompt_token_ids, params):
+            stream = self.loop.generate(
+                request_id, prompt_token_ids, params, output_token_ids=output_token_ids
+            )
+            async for delta in stream:
                 if delta.new_token_ids:
                     return PrefillResult(
                         request_id=request_id,

@@ -36,6 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from router.auth import APIKeyAuth
 from router.backend import (
@@ -255,6 +256,13 @@ def build_app(
     @app.exception_handler(APIError)
     async def on_api_error(_: Request, error: APIError) -> JSONResponse:
         return _error_response(error)
+
+    @app.exception_handler(ClientDisconnect)
+    async def on_client_gone(raw: Request, _: ClientDisconnect) -> Response:
+        # The client left while its body was arriving: nobody reads this answer.
+        if raw.url.path in _ENDPOINTS:
+            metrics.observe_request(_ENDPOINTS[raw.url.path], CLIENT_CLOSED_REQUEST)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def on_unexpected_error(_: Request, error: Exception) -> JSONResponse:

@@ -37,6 +37,7 @@ from typing import Any
 from decode_worker.worker import DecodeWorker
 from engine.config import EngineConfig
 from kv_transfer.base import KVTransferConfig
+from kv_transfer.security import cluster_kv_config
 from prefill_worker.worker import PrefillWorker
 from router.backends.clients import InProcessClient, RayClient, WorkerClient
 
@@ -103,7 +104,8 @@ class ClusterConfig:
 
 class Cluster:
     def __init__(self, config: ClusterConfig) -> None:
-        self.config = config
+        # The KV channel's secret: pinned by the operator, or made here, once per cluster.
+        self.config = replace(config, kv_transfer=cluster_kv_config(config.kv_transfer))
         self.prefill: list[WorkerClient] = []
         self.decode: list[WorkerClient] = []
         self.draining: list[WorkerClient] = []  # retired: no new requests, then removed

@@ -130,6 +130,14 @@ class RouterMetrics:
             buckets=KV_TRANSFER_SECONDS_BUCKETS,
             registry=r,
         )
+        self.migrations = Counter(
+            "pdserve_request_migrations",
+            "Requests resumed on other workers, by what failed: prefill_died, decode_died, "
+            "kv_failed (transfer failed, timed out or failed verification); exhausted: gave up "
+            "after --max-migrations.",
+            ["reason"],
+            registry=r,
+        )
         self.prefill_decisions = Counter(
             "pdserve_prefill_decisions",
             "Where prompts were prefilled (local: on the decode worker) and why.",
@@ -233,6 +241,9 @@ class RouterMetrics:
                 ("verify", breakdown.verify_s),
             ):
                 self.kv_transfer_phase_seconds.labels(phase=phase).observe(value)
+
+    def observe_migration(self, reason: str) -> None:
+        self.migrations.labels(reason=reason).inc()
 
     def observe_prefill_decision(self, decision: str, reason: str) -> None:
         """``decision``: "local" (prefill on the decode worker) or "remote"."""

@@ -24,6 +24,7 @@ from engine.loader import resolve_model_path
 from engine.tiny import TINY_MODEL_LABEL, TINY_MODEL_NAME
 from engine.tokenizer import load_tokenizer
 from kv_transfer.base import KVTransferConfig
+from kv_transfer.security import SECRET_ENV, load_secret
 from router.api import RouterConfig, build_app
 from router.auth import API_KEY_ENV, api_keys_from
 from router.backends.cluster import BackendConfig, ClusterBackend
@@ -34,6 +35,10 @@ from router.planner import PlannerConfig, Role
 from router.planner_loop import PlannerLoop
 
 logger = logging.getLogger(__name__)
+
+# KVTransferConfig fields that are not `--kv-*` flags: the transport has its own flag, the
+# secret comes from --kv-secret-file or the environment (never from the command line).
+_KV_NOT_FLAGS = ("transport", "secret")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +105,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--admission-timeout-s", type=float, default=30.0)
     group.add_argument(
+        "--max-migrations",
+        type=int,
+        default=BackendConfig.max_migrations,
+        help="times a request resumes on other workers after one died or its KV failed "
+        "(past it: a 503, or an error event in a stream)",
+    )
+    group.add_argument(
+        "--failover-timeout-s",
+        type=float,
+        default=BackendConfig.failover_timeout_s,
+        help="how long a resumed request waits for a usable decode worker (a replacement)",
+    )
+    group.add_argument(
         "--health-interval-s",
         type=float,
         default=BackendConfig.health_interval_s,
@@ -122,9 +140,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
     group = parser.add_argument_group("kv transfer")
+    group.add_argument(
+        "--kv-secret-file",
+        default=None,
+        help=f"the cluster's KV channel secret (also ${SECRET_ENV}); default: a fresh one per "
+        "cluster. Pin it when workers outside this router's cluster must share it",
+    )
     hints = typing.get_type_hints(KVTransferConfig)
     for field in dataclasses.fields(KVTransferConfig):
-        if field.name != "transport":
+        if field.name not in _KV_NOT_FLAGS:
             group.add_argument(
                 "--kv-" + field.name.replace("_", "-"),
                 dest="kv_" + field.name,
@@ -161,8 +185,9 @@ def build_backend(args: argparse.Namespace, engine: EngineConfig) -> ClusterBack
     kv_fields = {
         f.name: getattr(args, "kv_" + f.name)
         for f in dataclasses.fields(KVTransferConfig)
-        if f.name != "transport"
+        if f.name not in _KV_NOT_FLAGS
     }
+    kv_fields["secret"] = load_secret(args.kv_secret_file)
     planner = planner_config_from_args(args)
     num_gpus = args.num_gpus_per_worker
     if num_gpus is None:
@@ -192,6 +217,8 @@ def build_backend(args: argparse.Namespace, engine: EngineConfig) -> ClusterBack
             enable_local_prefill=args.enable_local_prefill,
             local_prefill_threshold=args.local_prefill_threshold,
             admission_timeout_s=args.admission_timeout_s,
+            max_migrations=args.max_migrations,
+            failover_timeout_s=args.failover_timeout_s,
             affinity_max_queue_gap=args.affinity_max_queue_gap,
             health_interval_s=args.health_interval_s,
         ),

@@ -78,17 +78,30 @@ class WorkerClient:
 
     # -- decode workers ----------------------------------------------------------------
 
+    # ``output_token_ids``: a request resumed after its worker died continues after the
+    # tokens it already generated (None: a new request).
+
     async def reserve(
-        self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        output_token_ids: list[int] | None = None,
     ) -> Reservation:
-        return await self._call(self.target.reserve, request_id, prompt_token_ids, sampling_params)
+        return await self._call(
+            self.target.reserve, request_id, prompt_token_ids, sampling_params, output_token_ids
+        )
 
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        output_token_ids: list[int] | None = None,
     ) -> AsyncIterator[RequestDelta]:
         """Prefill and decode on this worker."""
         start = (self.target.generate, request_id, prompt_token_ids, sampling_params)
-        return self._stream(request_id, *start)
+        return self._stream(request_id, *start, output_token_ids)
 
     def decode(self, request_id: str, first_token_id: int) -> AsyncIterator[RequestDelta]:
         """Decode a reserved request once its KV has landed, after ``first_token_id``."""
@@ -103,6 +116,7 @@ class WorkerClient:
         sampling_params: SamplingParams,
         target: TransferTarget | None,
         num_skip_blocks: int,
+        output_token_ids: list[int] | None = None,
     ) -> PrefillResult:
         return await self._call(
             self.target.prefill,
@@ -111,6 +125,7 @@ class WorkerClient:
             sampling_params,
             target,
             num_skip_blocks,
+            output_token_ids,
         )
 
     async def wait_transfer(self, request_id: str, timeout_s: float | None) -> TransferStats:
@@ -127,6 +142,10 @@ class WorkerClient:
     def shutdown(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
+        # Streams still open (a retired worker killed past its drain timeout) would wait for
+        # deltas that never come: they fail like a dead worker's, and their requests resume.
+        for queue in self._queues.values():
+            queue.put_nowait(WorkerDiedError(f"{self.role} worker {self.worker_id} was stopped"))
 
     # -- streams -----------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from engine.wire import (
     KVTransferFailedError,
     NoCapacityError,
     Reservation,
+    TransferStats,
     WorkerInfo,
     WorkerStats,
 )
@@ -62,13 +63,22 @@ class BackendConfig:
     local_prefill_threshold: int = 64  # uncached prompt tokens at most this: prefill on D
     affinity_max_queue_gap: int = 4  # queued requests a prefix-affinity choice may exceed by
     admission_timeout_s: float = 30.0  # how long a request waits for KV room on D
+    max_migrations: int = 3  # times a request resumes elsewhere after a worker failed it
+    failover_timeout_s: float = 60.0  # how long a resumed request waits for a usable D
     stats_interval_s: float = 0.25
     health_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("admission_timeout_s", "stats_interval_s", "health_interval_s"):
+        for name in (
+            "admission_timeout_s",
+            "failover_timeout_s",
+            "stats_interval_s",
+            "health_interval_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_migrations < 0:
+            raise ValueError(f"max_migrations must be >= 0, got {self.max_migrations}")
         if self.local_prefill_threshold < 0:
             raise ValueError(
                 f"local_prefill_threshold must be >= 0, got {self.local_prefill_threshold}"
@@ -79,7 +89,47 @@ class BackendConfig:
 class _InFlight:
     decode: WorkerClient
     prefill: WorkerClient | None
+    worker_request_id: str  # the id of the current attempt on the workers
     prefilling: bool = True  # False once P returned the first token: P's queue is free of it
+
+
+class _AttemptFailed(Exception):
+    """One attempt at a request failed in a way another attempt can fix; ``worker`` is the
+    client not to use again for it (None: any), ``died`` whether it is gone for everyone."""
+
+    def __init__(self, reason: str, worker: WorkerClient | None, died: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason  # prefill_died | decode_died | kv_failed: a metric label
+        self.worker = worker
+        self.died = died
+
+
+async def _until_failed(
+    stream: AsyncIterator[RequestDelta], watch: asyncio.Future
+) -> AsyncIterator[RequestDelta]:
+    """``stream``'s items, until ``watch`` fails (its error is raised). Once ``watch`` has
+    succeeded, the rest of the stream passes with no extra task per item."""
+    iterator = aiter(stream)
+    while not watch.done():
+        step = asyncio.ensure_future(anext(iterator))
+        try:
+            await asyncio.wait((step, watch), return_when=asyncio.FIRST_COMPLETED)
+            if not step.done() and watch.exception() is not None:
+                watch.result()  # raises; the read is cancelled below
+            await asyncio.wait((step,))
+        finally:
+            if not step.done():
+                step.cancel()
+                with contextlib.suppress(BaseException):
+                    await step
+        try:
+            item = step.result()
+        except StopAsyncIteration:
+            return
+        yield item
+    watch.result()  # raises if it failed while the last item was being read
+    async for item in iterator:
+        yield item
 
 
 class ClusterBackend:
@@ -100,6 +150,7 @@ class ClusterBackend:
         self._inflight: dict[str, _InFlight] = {}
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
+        self._health_check_now = asyncio.Event()  # set: check (and replace) workers now
         self.planner: PlannerLoop | None = None  # --planner: started with the backend
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -119,7 +170,7 @@ class ClusterBackend:
         await self.refresh_stats()
         self._tasks = [
             asyncio.create_task(self._every(self.config.stats_interval_s, self.refresh_stats)),
-            asyncio.create_task(self._every(self.config.health_interval_s, self._check_workers)),
+            asyncio.create_task(self._health_loop()),
         ]
         if self.planner is not None:
             self._tasks.append(asyncio.create_task(self.planner.run()))
@@ -143,68 +194,182 @@ class ClusterBackend:
     # -- requests ----------------------------------------------------------------------
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestDelta]:
+        """The request's deltas; a failed attempt (a worker died, its KV did not land) is
+        resumed on other workers after the tokens already yielded, at most
+        ``max_migrations`` times, so the caller sees one unbroken stream."""
         request_id = request.request_id
-        decision = self._choose(request)
+        emitted: list[int] = []  # every token yielded so far, whichever worker made it
+        excluded: set[int] = set()  # id()s of the clients that failed this request
+        finished = False
+        last_failure: _AttemptFailed | None = None
+        for attempt in range(self.config.max_migrations + 1):
+            # A fresh id per attempt: late KV or deltas of a failed one can match nothing.
+            worker_request_id = request_id if attempt == 0 else f"{request_id}~{attempt}"
+            decode, prefill = await self._pair(request, emitted, excluded, attempt)
+            self._inflight[request_id] = _InFlight(decode, prefill, worker_request_id)
+            try:
+                async for delta in self._attempt(
+                    request, worker_request_id, emitted, decode, prefill
+                ):
+                    emitted.extend(delta.new_token_ids)
+                    finished = delta.finished
+                    yield delta
+                return
+            except _AttemptFailed as failure:
+                if failure.worker is not None:
+                    excluded.add(id(failure.worker))
+                    if failure.died:
+                        self._worker_died(failure.worker)
+                self.metrics.observe_migration(failure.reason)
+                logger.warning(
+                    "request %s (attempt %d, %d tokens generated) failed: %s: %s",
+                    request_id,
+                    attempt,
+                    len(emitted),
+                    failure.reason,
+                    str(failure.__cause__).partition("\n")[0],
+                )
+                last_failure = failure
+            except (WorkerDiedError, KVTransferFailedError, ValueError) as error:
+                raise _as_backend_error(error) from error
+            finally:
+                self._inflight.pop(request_id, None)
+                if not finished:  # the one abort owner: this request's scope
+                    # Shielded and held: the caller may be cancelled while the abort is on
+                    # its way. A dead worker's abort fails fast and is only logged.
+                    await asyncio.shield(
+                        self._spawn(self._abort_on(worker_request_id, decode, prefill))
+                    )
+        self.metrics.observe_migration("exhausted")
+        raise BackendUnavailableError(
+            f"request {request_id} failed {self.config.max_migrations + 1} times "
+            f"(--max-migrations {self.config.max_migrations}); last: {last_failure.reason}"
+        ) from last_failure
+
+    async def _pair(
+        self,
+        request: GenerateRequest,
+        emitted: list[int],
+        excluded: set[int],
+        attempt: int,
+    ) -> tuple[WorkerClient, WorkerClient | None]:
+        """D, and P or None (local prefill), for an attempt. A retry waits up to
+        ``failover_timeout_s`` for a usable decode worker (e.g. the replacement of the only
+        one) and never takes a worker that already failed this request."""
+        deadline = time.monotonic() + self.config.failover_timeout_s
+        while True:
+            try:
+                decision = self._choose(request, emitted, excluded)
+                break
+            except BackendUnavailableError:
+                if attempt == 0 or time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.05)
         decode = self.cluster.worker(decision.decode_id)
         prefill = None if decision.is_local else self.cluster.worker(decision.prefill_id)
         self.metrics.observe_prefill_decision(
             "local" if prefill is None else "remote", decision.reason.value
         )
-        self._inflight[request_id] = _InFlight(decode, prefill)
-        finished = False
+        return decode, prefill
+
+    async def _attempt(
+        self,
+        request: GenerateRequest,
+        worker_request_id: str,
+        emitted: list[int],
+        decode: WorkerClient,
+        prefill: WorkerClient | None,
+    ) -> AsyncIterator[RequestDelta]:
+        """One try on one pair of workers; its failures become ``_AttemptFailed`` naming the
+        worker to avoid. Deltas keep the original request's id and prompt size."""
+        resumed = list(emitted) or None
         try:
             if prefill is None:
                 stream = decode.generate(
-                    request_id, request.prompt_token_ids, request.sampling_params
+                    worker_request_id, request.prompt_token_ids, request.sampling_params, resumed
                 )
             else:
-                stream = self._remote(request, decode, prefill)
+                stream = self._remote(request, worker_request_id, resumed, decode, prefill)
             async for delta in stream:
-                finished = delta.finished
-                yield delta
-        except (WorkerDiedError, KVTransferFailedError, ValueError) as error:
-            raise _as_backend_error(error) from error
-        finally:
-            self._inflight.pop(request_id, None)
-            if not finished:  # the one abort owner: this request's scope
-                # Shielded and held: the caller may be cancelled while the abort is on its way.
-                await asyncio.shield(self._spawn(self._abort_on(request_id, decode, prefill)))
+                yield dataclasses.replace(
+                    delta,
+                    request_id=request.request_id,
+                    num_prompt_tokens=len(request.prompt_token_ids),
+                )
+        except _AttemptFailed:
+            raise
+        except WorkerDiedError as error:
+            raise _AttemptFailed("decode_died", decode, died=True) from error
+        except KVTransferFailedError as error:
+            raise _AttemptFailed("kv_failed", prefill) from error
 
     async def _remote(
-        self, request: GenerateRequest, decode: WorkerClient, prefill: WorkerClient
+        self,
+        request: GenerateRequest,
+        worker_request_id: str,
+        resumed: list[int] | None,
+        decode: WorkerClient,
+        prefill: WorkerClient,
     ) -> AsyncIterator[RequestDelta]:
         request_id = request.request_id
-        reservation = await self._reserve(request, decode)
-        result = await prefill.prefill(
-            request_id,
-            request.prompt_token_ids,
-            request.sampling_params,
-            reservation.target,
-            reservation.num_skip_blocks,
-        )
+        reservation = await self._reserve(request, worker_request_id, resumed, decode)
+        try:
+            result = await prefill.prefill(
+                worker_request_id,
+                request.prompt_token_ids,
+                request.sampling_params,
+                reservation.target,
+                reservation.num_skip_blocks,
+                resumed,
+            )
+        except WorkerDiedError as error:
+            raise _AttemptFailed("prefill_died", prefill, died=True) from error
         inflight = self._inflight.get(request_id)
         if inflight is not None:
             inflight.prefilling = False
-        self._spawn(self._observe_transfer(prefill, request_id))
-        yield RequestDelta(
-            request_id=request_id,
-            new_token_ids=[result.first_token_id],
-            new_logprobs=[result.first_logprobs] if result.first_logprobs else None,
-            finish_reason=None,
-            num_prompt_tokens=result.num_prompt_tokens,
-            num_cached_tokens=result.num_cached_tokens,
-        )
-        async for delta in decode.decode(request_id, result.first_token_id):
-            # Cached tokens are the prefill worker's: the prompt tokens it did not recompute.
-            yield dataclasses.replace(delta, num_cached_tokens=result.num_cached_tokens)
+        # Until P's sender is acknowledged, P's death or a failed transfer ends the attempt
+        # even though D, still waiting for the KV, would only notice when the lease ends.
+        transfer = asyncio.ensure_future(self._watch_transfer(prefill, worker_request_id))
+        try:
+            yield RequestDelta(
+                request_id=request_id,
+                new_token_ids=[result.first_token_id],
+                new_logprobs=[result.first_logprobs] if result.first_logprobs else None,
+                finish_reason=None,
+                num_prompt_tokens=result.num_prompt_tokens,
+                num_cached_tokens=result.num_cached_tokens,
+            )
+            stream = decode.decode(worker_request_id, result.first_token_id)
+            async for delta in _until_failed(stream, transfer):
+                # Cached tokens are the prefill worker's: the prompt tokens it did not compute.
+                yield dataclasses.replace(delta, num_cached_tokens=result.num_cached_tokens)
+        finally:
+            transfer.cancel()
 
-    async def _reserve(self, request: GenerateRequest, decode: WorkerClient) -> Reservation:
+    async def _watch_transfer(self, prefill: WorkerClient, worker_request_id: str) -> None:
+        """Resolves when P's KV for the request is acknowledged; raises ``_AttemptFailed``
+        when it will never be (P died, the transfer failed)."""
+        try:
+            stats = await prefill.wait_transfer(worker_request_id, None)
+        except WorkerDiedError as error:
+            raise _AttemptFailed("prefill_died", prefill, died=True) from error
+        except Exception as error:
+            raise _AttemptFailed("kv_failed", prefill) from error
+        self._observe_transfer(stats)
+
+    async def _reserve(
+        self,
+        request: GenerateRequest,
+        worker_request_id: str,
+        resumed: list[int] | None,
+        decode: WorkerClient,
+    ) -> Reservation:
         deadline = time.monotonic() + self.config.admission_timeout_s
         delay = 0.01
         while True:
             try:
                 return await decode.reserve(
-                    request.request_id, request.prompt_token_ids, request.sampling_params
+                    worker_request_id, request.prompt_token_ids, request.sampling_params, resumed
                 )
             except NoCapacityError as error:
                 if time.monotonic() + delay > deadline:
@@ -215,12 +380,8 @@ class ClusterBackend:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
 
-    async def _observe_transfer(self, prefill: WorkerClient, request_id: str) -> None:
-        try:
-            stats = await prefill.wait_transfer(request_id, None)
-        except Exception as error:
-            logger.debug("transfer of %s not observed: %s", request_id, error)
-            return
+    def _observe_transfer(self, stats: TransferStats) -> None:
+        request_id = stats.request_id
         if stats.num_bytes:
             self.metrics.observe_kv_transfer(stats.num_bytes, stats.seconds, stats.breakdown)
             if stats.breakdown is not None:
@@ -241,7 +402,7 @@ class ClusterBackend:
     async def abort(self, request_id: str) -> None:
         inflight = self._inflight.get(request_id)
         if inflight is not None:
-            await self._abort_on(request_id, inflight.decode, inflight.prefill)
+            await self._abort_on(inflight.worker_request_id, inflight.decode, inflight.prefill)
 
     async def _abort_on(
         self, request_id: str, decode: WorkerClient, prefill: WorkerClient | None
@@ -251,6 +412,8 @@ class ClusterBackend:
                 continue
             try:
                 await worker.abort(request_id)
+            except WorkerDiedError:
+                logger.debug("abort of %s: %s is gone", request_id, worker.worker_id)
             except Exception as error:
                 logger.warning("abort of %s on %s failed: %s", request_id, worker.worker_id, error)
 
@@ -262,7 +425,14 @@ class ClusterBackend:
 
     # -- policy input, health ----------------------------------------------------------
 
-    def _choose(self, request: GenerateRequest) -> PairingDecision:
+    def _choose(
+        self,
+        request: GenerateRequest,
+        emitted: list[int] | None = None,
+        excluded: set[int] = frozenset(),
+    ) -> PairingDecision:
+        """The pairing for a request (resumed: after ``emitted``), among the workers with
+        fresh stats and not in ``excluded`` (client ``id()``s)."""
         if self.policy is None:
             raise BackendUnavailableError("the backend has not started")
         if len(request.prompt_token_ids) >= self.max_model_len:
@@ -270,19 +440,22 @@ class ClusterBackend:
                 f"the prompt has {len(request.prompt_token_ids)} tokens; this model's maximum "
                 f"context length is {self.max_model_len}"
             )
+
+        def usable(worker: WorkerClient) -> bool:
+            return worker.worker_id in self._stats and id(worker) not in excluded
+
         decode_workers = [
-            self._decode_snapshot(w.worker_id)
-            for w in self.cluster.decode
-            if w.worker_id in self._stats
+            self._decode_snapshot(w.worker_id) for w in self.cluster.decode if usable(w)
         ]
         if not decode_workers:
             raise BackendUnavailableError("no healthy decode workers")
         prefill_workers = [
             PrefillWorkerSnapshot(w.worker_id, self._queued(w.worker_id))
             for w in self.cluster.prefill
-            if w.worker_id in self._stats
+            if usable(w)
         ]
-        return self.policy.choose(request.prompt_token_ids, decode_workers, prefill_workers)
+        token_ids = request.prompt_token_ids + emitted if emitted else request.prompt_token_ids
+        return self.policy.choose(token_ids, decode_workers, prefill_workers)
 
     def _decode_snapshot(self, worker_id: str) -> DecodeWorkerSnapshot:
         stats = self._stats[worker_id]
@@ -322,6 +495,24 @@ class ClusterBackend:
                 stats.num_total_blocks - stats.num_free_blocks,
                 stats.num_free_blocks,
             )
+
+    def _worker_died(self, worker: WorkerClient) -> None:
+        """A request saw ``worker`` die: stop choosing it and replace it now, not at the next
+        periodic health check."""
+        with contextlib.suppress(KeyError):
+            if self.cluster.worker(worker.worker_id) is worker:  # not replaced yet
+                self._stats.pop(worker.worker_id, None)
+        self._health_check_now.set()
+
+    async def _health_loop(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._health_check_now.wait(), self.config.health_interval_s)
+            self._health_check_now.clear()
+            try:
+                await self._check_workers()
+            except Exception:
+                logger.exception("checking the workers failed")
 
     async def _check_workers(self) -> None:
         for worker_id in await self.cluster.replace_unhealthy():

@@ -79,3 +79,49 @@ def test_shutdown_fails_open_streams() -> None:
 
 async def _stats(engine: AsyncEngine):
     return await asyncio.wrap_future(engine.call(lambda e: e.stats()))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0.8, seed=4, frequency_penalty=0.5, max_tokens=12),
+    ],
+    ids=["greedy", "seeded", "seeded-penalties"],
+)
+def test_a_resumed_request_continues_as_if_never_interrupted(
+    loop_engine: AsyncEngine, params: SamplingParams
+) -> None:
+    """Migration's engine half: given the tokens a dead worker already streamed, a request
+    produces exactly the rest of what the uninterrupted one did (greedy, and seeded: the draw
+    depends on the seed and the output index; penalties count the resumed tokens)."""
+
+    async def collect(request_id: str, output_token_ids: list[int] | None = None) -> list[int]:
+        tokens = []
+        stream = loop_engine.generate(
+            request_id, PROMPTS[1], params, output_token_ids=output_token_ids
+        )
+        async for delta in stream:
+            tokens += delta.new_token_ids
+        return tokens
+
+    async def main() -> None:
+        whole = await collect("whole")
+        assert len(whole) > 6
+        for cut in (1, 5, len(whole) - 1):
+            rest = await collect(f"resumed-{cut}", whole[:cut])
+            assert whole[:cut] + rest == whole, cut
+
+    asyncio.run(main())
+
+
+def test_a_resumed_request_with_nothing_left_to_generate_is_refused(
+    loop_engine: AsyncEngine,
+) -> None:
+    async def main() -> None:
+        async for _ in loop_engine.generate("done", PROMPTS[0], GREEDY, output_token_ids=[1] * 8):
+            pass
+
+    with pytest.raises(ValueError, match="nothing is left to generate"):
+        asyncio.run(main())

@@ -135,3 +135,18 @@ def test_prefix_caching_disabled() -> None:
     assert kv.get_computed_blocks(b) == ([], 0)
     assert kv.block_pool.num_cached_blocks == 0
     assert (kv.prefix_cache_queries, kv.prefix_cache_hits) == (0, 0)
+
+
+def test_pins_are_counted_until_unpinned() -> None:
+    kv = KVCacheManager(num_blocks=10, block_size=4, enable_prefix_caching=True)
+    request = make_request("a", list(range(10)))
+    assert run_prefill(kv, request) == [0, 1, 2]
+    kv.pin([0, 1, 2])  # a transfer reads them
+    kv.pin([2])  # a second reader of the tail block
+    assert kv.num_pinned_blocks == 3
+    kv.free(request)  # the request ends; the pins keep the blocks
+    assert (kv.num_free_blocks, kv.num_pinned_blocks) == (7, 3)
+    kv.unpin([0, 1, 2])
+    assert (kv.num_free_blocks, kv.num_pinned_blocks) == (9, 1)
+    kv.unpin([2])
+    assert (kv.num_free_blocks, kv.num_pinned_blocks) == (10, 0)

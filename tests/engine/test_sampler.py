@@ -65,7 +65,10 @@ def test_seeded_request_is_reproducible_whatever_its_companions(device):
         for logits in steps:
             noise = torch.randn(len(batch), 40)  # companions see other logits
             noise[row] = logits
-            out.append(_sample(noise.to(device), requests, generators).token_ids[row])
+            sampled = _sample(noise.to(device), requests, generators).token_ids
+            for request, token_id in zip(requests, sampled):
+                request.output_token_ids.append(token_id)  # as the scheduler does
+            out.append(sampled[row])
         return out
 
     alone = tokens([("s", {"seed": 7})], 0)
@@ -81,6 +84,29 @@ def test_seeded_request_is_reproducible_whatever_its_companions(device):
     assert alone == crowded
     assert len(set(alone)) > 3  # it really samples
     assert tokens([("s", {"seed": 8})], 0) != alone
+
+
+def test_a_seeded_request_resumed_elsewhere_draws_what_it_would_have():
+    """Migration: a fresh generator on another worker, given the tokens so far, continues
+    the same stream (the draw depends on the seed and the output index only)."""
+    gen = torch.Generator().manual_seed(2)
+    steps = [torch.randn(1, 40, generator=gen) for _ in range(12)]
+
+    def run(request, generator, logits_steps):
+        out = []
+        for logits in logits_steps:
+            token_id = _sample(logits, [request], {request.request_id: generator}).token_ids[0]
+            request.output_token_ids.append(token_id)
+            out.append(token_id)
+        return out
+
+    whole = run(_request("s", seed=5), make_generator(5, torch.device("cpu")), steps)
+    first = run(_request("s", seed=5), make_generator(5, torch.device("cpu")), steps[:5])
+    resumed = _request("s2", seed=5)
+    resumed.output_token_ids = list(first)
+    rest = run(resumed, make_generator(5, torch.device("cpu")), steps[5:])
+    assert first + rest == whole
+    assert len(set(whole)) > 3  # it really samples
 
 
 def test_top_k_top_p_min_p_restrict_the_support_exactly():

@@ -24,7 +24,9 @@ from kv_transfer.layout import cache_layer_shape, gather_blocks
 REPLY_TIMEOUT_S = 60.0
 
 
-def _child_main(conn: Connection, layout: dict[str, Any], num_blocks: int, address: str) -> None:
+def _child_main(
+    conn: Connection, layout: dict[str, Any], num_blocks: int, address: str, secret: bytes
+) -> None:
     torch.set_num_threads(1)
     layout_ = KVLayout(**layout)
     caches = [
@@ -32,7 +34,7 @@ def _child_main(conn: Connection, layout: dict[str, Any], num_blocks: int, addre
         for _ in range(layout_.num_layers)
     ]
     receiver = get_transport("nixl").create_receiver(
-        caches, KVTransferConfig(transport="nixl"), address=address
+        caches, KVTransferConfig(transport="nixl", secret=secret), address=address
     )
     conn.send(("ready", receiver.info()))
     while True:
@@ -65,11 +67,15 @@ def _child_main(conn: Connection, layout: dict[str, Any], num_blocks: int, addre
 class DecodePeer:
     """The child process and its receiver; every call returns the child's answer or raises."""
 
-    def __init__(self, layout: KVLayout, num_blocks: int, address: str = "") -> None:
+    def __init__(
+        self, layout: KVLayout, num_blocks: int, address: str = "", secret: bytes = b""
+    ) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         self.process = context.Process(
-            target=_child_main, args=(child, asdict(layout), num_blocks, address), daemon=True
+            target=_child_main,
+            args=(child, asdict(layout), num_blocks, address, secret),
+            daemon=True,
         )
         self.process.start()
         if not self._conn.poll(REPLY_TIMEOUT_S):

@@ -90,3 +90,27 @@ def test_openapi_declares_bodies_streams_and_metrics() -> None:
     required = doc["components"]["schemas"]["ChatCompletionRequest"]["required"]
     assert "messages" in required
     assert set(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_a_499_not_a_crash(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    with _serve(RouterConfig()) as served:
+        address = urlparse(served.url)
+        with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+            head = (
+                "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                "Content-Length: 1000\r\n\r\n"
+            )
+            sock.sendall(head.encode() + b'{"prompt": "x", ')  # then hang up mid-body
+        name = 'pdserve_requests_total{endpoint="completions",status="499"} 1.0'
+        deadline = time.monotonic() + 10
+        while name not in httpx.get(f"{served.url}/metrics", timeout=10).text:
+            assert time.monotonic() < deadline, "the disconnect was not counted as a 499"
+            time.sleep(0.05)
+        assert httpx.get(f"{served.url}/health", timeout=10).status_code == 200
+    assert "Exception in ASGI application" not in caplog.text

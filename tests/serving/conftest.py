@@ -228,7 +228,7 @@ class Server:
         return {d: self.metric(name, decision=d) for d in ("local", "remote")}
 
     def wait_idle(self, timeout_s: float = 30.0) -> dict[str, WorkerStats]:
-        """Wait until no worker holds a request and every block is free again."""
+        """Wait until no worker holds a request and every block is free (and unpinned) again."""
         deadline = time.monotonic() + timeout_s
         while True:
             stats = self.worker_stats()
@@ -238,6 +238,7 @@ class Server:
                 if s.num_running
                 or s.num_waiting
                 or s.num_reserved
+                or s.num_pinned_blocks
                 or s.num_free_blocks != s.num_total_blocks
             }
             if not busy:

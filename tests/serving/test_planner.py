@@ -353,3 +353,32 @@ def test_replacement_and_retirement_of_the_same_worker_at_once(offline: Offline)
         prompt = words(40_000, 20)
         ids = offline.completion_ids(prompt)
         complete(server.client(), prompt, 6, stream=False).check(offline.greedy(ids, 6), len(ids))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_past_the_drain_timeout_requests_migrate(local_ray: None, offline: Offline) -> None:
+    """A retired decode worker still busy at ``--planner-drain-timeout-s`` is killed; the
+    requests on it resume on the other decode worker (decode migration) and end with the
+    uninterrupted greedy output."""
+    args = ["--num-prefill", "1", "--num-decode", "2", *PLANNER_ARGS]
+    args += ["--planner-interval-s", "3600", "--planner-drain-timeout-s", "1"]
+    with serve(args) as server:
+        backend = server.backend
+        old_pid = server.worker_infos["decode-1"].pid
+        with Load(server, 50_000, SHORT_WORDS, 300, num_clients=4, max_requests=1) as load:
+            deadline = time.monotonic() + 60
+            while backend.num_in_flight("decode-1") == 0:
+                assert time.monotonic() < deadline, "no request reached decode-1"
+                time.sleep(0.02)
+
+            async def retire() -> None:
+                backend.planner.retire("decode-1")
+
+            server.run(retire)
+        load.check(offline)  # every request completed, each with the greedy output
+        assert len(load.answers) == 4
+        assert planner_metric(server, "drain_timeouts_total", role="decode") == 1
+        assert server.metric("pdserve_request_migrations_total", reason="decode_died") >= 1
+        assert [w.worker_id for w in backend.cluster.decode] == ["decode-0"]
+        wait_gone({old_pid}, 60, "the retired decode worker")
