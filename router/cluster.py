@@ -11,6 +11,16 @@ Two modes, one interface (``prefill`` / ``decode`` lists of ``WorkerClient``):
   this process; with the ``local`` transport the KV is copied tensor to tensor.
 
 ``--colocated`` starts decode workers only: each prefills and decodes its own requests.
+
+Membership (the planner, ``router.planner_loop``, changes it while serving): ``add_worker``
+creates a worker with the next unused id of its role (``prefill-3``; ids are never reused),
+pairs its KV and only then appends it to ``prefill`` / ``decode``, the lists the pairing
+policy picks from; if the creation is cancelled or fails, the actor is killed.
+``begin_drain`` moves a worker from its list to ``draining`` at once (no new requests; the
+requests in flight still find it through ``worker``), and ``remove`` kills it. Health
+checks and replacement cover the serving lists only; a replacement keeps the worker's id
+and lands where the old handle is now, or is killed if that worker was retired meanwhile.
+Each change happens between two awaits, so the lists are never seen half-changed.
 """
 
 from __future__ import annotations
@@ -69,6 +79,7 @@ class ClusterConfig:
     num_gpus_per_worker: float = 0.0
     kv_host: str = "127.0.0.1"  # where decode workers accept KV; 0.0.0.0 across nodes
     startup_timeout_s: float = 600.0
+    max_num_workers: int | None = None  # the most at once (the planner's maxima); None: fixed
 
     def __post_init__(self) -> None:
         if self.num_decode < 1:
@@ -79,6 +90,8 @@ class ClusterConfig:
             )
         if self.num_gpus_per_worker < 0:
             raise ValueError(f"num_gpus_per_worker must be >= 0, got {self.num_gpus_per_worker}")
+        if self.max_num_workers is not None and self.max_num_workers < 1:
+            raise ValueError(f"max_num_workers must be at least 1, got {self.max_num_workers}")
 
     @property
     def runs_in_process(self) -> bool:
@@ -95,21 +108,36 @@ class Cluster:
         self.config = replace(config, kv_transfer=cluster_kv_config(config.kv_transfer))
         self.prefill: list[WorkerClient] = []
         self.decode: list[WorkerClient] = []
+        self.draining: list[WorkerClient] = []  # retired: no new requests, then removed
         self._started_ray = False
+        self._next_index = {"prefill": 0, "decode": 0}  # ids are never reused
+        # Pairing and joining happen under it: two workers joining at once pair with each other.
+        self._joining = asyncio.Lock()
 
     def worker(self, worker_id: str) -> WorkerClient:
-        for handle in self.prefill + self.decode:
+        for handle in self.prefill + self.decode + self.draining:
             if handle.worker_id == worker_id:
                 return handle
         raise KeyError(f"no worker {worker_id!r}")
+
+    def workers(self, role: str) -> list[WorkerClient]:
+        """The serving workers of ``role`` ("prefill" or "decode"): the pairing policy's."""
+        if role not in self._next_index:
+            raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
+        return self.prefill if role == "prefill" else self.decode
+
+    def _new_id(self, role: str) -> str:
+        index = self._next_index[role]
+        self._next_index[role] = index + 1
+        return f"{role}-{index}"
 
     # -- start / stop ------------------------------------------------------------------
 
     async def start(self) -> None:
         if not self.config.runs_in_process:
             self._init_ray()
-        specs = [("prefill", f"prefill-{i}") for i in range(self.config.effective_num_prefill)]
-        specs += [("decode", f"decode-{i}") for i in range(self.config.num_decode)]
+        counts = {"prefill": self.config.effective_num_prefill, "decode": self.config.num_decode}
+        specs = [(role, self._new_id(role)) for role, n in counts.items() for _ in range(n)]
         handles = await asyncio.gather(*(self._create(role, wid) for role, wid in specs))
         self.prefill = [h for h in handles if h.role == "prefill"]
         self.decode = [h for h in handles if h.role == "decode"]
@@ -122,12 +150,12 @@ class Cluster:
         )
 
     async def shutdown(self) -> None:
-        for handle in self.prefill + self.decode:
+        for handle in self.prefill + self.decode + self.draining:
             try:
                 handle.shutdown()
             except Exception as error:
                 logger.warning("shutting down %s failed: %s", handle.worker_id, error)
-        self.prefill, self.decode = [], []
+        self.prefill, self.decode, self.draining = [], [], []
         if self._started_ray:
             import ray
 
@@ -155,10 +183,61 @@ class Cluster:
             signal.signal(signal.SIGTERM, sigterm_handler)
         self._started_ray = True
 
+    # -- membership: the planner's verbs ------------------------------------------------
+
+    async def add_worker(self, role: str) -> WorkerClient:
+        """A new worker of ``role``, paired and serving. Cancelled (the planner's placement
+        timeout) or failed: its actor is killed and nothing joins the lists."""
+        group = self.workers(role)
+        handle = await self._create(role, self._new_id(role))
+        try:
+            async with self._joining:
+                await self._pair_new(handle)
+                group.append(handle)
+        except BaseException:
+            handle.shutdown()
+            raise
+        logger.info("%s joined: %d prefill, %d decode", handle.worker_id, *self._counts())
+        return handle
+
+    def begin_drain(self, worker_id: str) -> WorkerClient:
+        """Stop sending ``worker_id`` new requests; it stays reachable for those in flight."""
+        handle = self.worker(worker_id)
+        group = self.workers(handle.role)
+        if handle not in group:
+            raise ValueError(f"{worker_id} is not serving (already draining?)")
+        if handle.role == "decode" and len(group) == 1:
+            raise ValueError(f"{worker_id} is the last decode worker: it cannot be retired")
+        group.remove(handle)
+        self.draining.append(handle)
+        return handle
+
+    def remove(self, worker_id: str) -> None:
+        """Kill a draining worker (requests still on it see ``WorkerDiedError``)."""
+        handle = self.worker(worker_id)
+        if handle not in self.draining:
+            raise ValueError(f"{worker_id} is not draining: retire it first")
+        self.draining.remove(handle)
+        try:
+            handle.shutdown()
+        except Exception as error:
+            logger.warning("shutting down %s failed: %s", worker_id, error)
+        logger.info("%s removed: %d prefill, %d decode", worker_id, *self._counts())
+
+    def _counts(self) -> tuple[int, int]:
+        return len(self.prefill), len(self.decode)
+
     async def _create(self, role: str, worker_id: str) -> WorkerClient:
         config = self.config
         if config.runs_in_process:
-            worker = await asyncio.to_thread(self._make_worker, role, worker_id)
+            making = asyncio.ensure_future(asyncio.to_thread(self._make_worker, role, worker_id))
+            try:
+                worker = await asyncio.shield(making)
+            except asyncio.CancelledError:  # the thread goes on: stop what it makes
+                making.add_done_callback(
+                    lambda f: None if f.cancelled() or f.exception() else f.result().shutdown()
+                )
+                raise
             return InProcessClient(worker)
         import ray
 
@@ -174,9 +253,15 @@ class Cluster:
         if accelerator:
             options["accelerator_type"] = accelerator
         cls = PrefillWorker if role == "prefill" else DecodeWorker
+        # Ray places the actor where the role's resources are; on `ray up` / KubeRay a pending
+        # actor's resource demand is what makes the autoscaler add a node of that type.
         actor = ray.remote(cls).options(**options).remote(*self._worker_args(role, worker_id))
         handle = RayClient(actor, worker_id, role)
-        await asyncio.wait_for(handle.check_health(), config.startup_timeout_s)
+        try:
+            await asyncio.wait_for(handle.check_health(), config.startup_timeout_s)
+        except BaseException:  # not placed or not started in time, or cancelled: no orphan
+            handle.shutdown()
+            raise
         return handle
 
     def _worker_args(self, role: str, worker_id: str) -> tuple:
@@ -189,7 +274,8 @@ class Cluster:
     def _engine_config(self) -> EngineConfig:
         """On CPU, Ray workers split this machine's cores unless --num-threads (or
         OMP_NUM_THREADS) says otherwise: each worker is its own process, and oversubscribed
-        torch threads crawl."""
+        torch threads crawl. With the planner, the split is by the most workers it may run,
+        so workers it adds later get as many threads as the first ones."""
         engine = self.config.engine
         if (
             self.config.runs_in_process
@@ -198,7 +284,9 @@ class Cluster:
             or engine.parallel.device.startswith("cuda")
         ):
             return engine
-        num_workers = self.config.effective_num_prefill + self.config.num_decode
+        num_workers = self.config.max_num_workers or (
+            self.config.effective_num_prefill + self.config.num_decode
+        )
         num_threads = max(1, (os.cpu_count() or 1) // num_workers)
         return replace(engine, parallel=replace(engine.parallel, num_threads=num_threads))
 
@@ -226,21 +314,32 @@ class Cluster:
         healthy = await self.health()
         replaced = []
         for group in (self.prefill, self.decode):
-            for i, handle in enumerate(group):
-                if healthy[handle.worker_id]:
+            for handle in list(group):
+                if healthy.get(handle.worker_id, True):  # joined after the check: healthy
                     continue
                 logger.warning("replacing %s worker %s", handle.role, handle.worker_id)
                 try:
                     handle.shutdown()
                 except Exception as error:
                     logger.debug("shutting down %s: %s", handle.worker_id, error)
-                group[i] = await self._create(handle.role, handle.worker_id)
-                replaced.append(handle.worker_id)
-                if handle.role == "prefill":
-                    await self._pair_kv([group[i]], self.decode)
-                else:
-                    await self._pair_kv(self.prefill, [group[i]])
+                new = await self._create(handle.role, handle.worker_id)
+                async with self._joining:
+                    # The lists may have changed while it started (the planner added or
+                    # retired workers): it takes the old one's place wherever that is now.
+                    if handle not in group:
+                        logger.info("%s was retired while it was replaced", handle.worker_id)
+                        new.shutdown()
+                        continue
+                    await self._pair_new(new)
+                    group[group.index(handle)] = new
+                    replaced.append(handle.worker_id)
         return replaced
+
+    async def _pair_new(self, handle: WorkerClient) -> None:
+        if handle.role == "prefill":
+            await self._pair_kv([handle], self.decode)
+        else:
+            await self._pair_kv(self.prefill, [handle])
 
     async def _pair_kv(self, prefill: list[WorkerClient], decode: list[WorkerClient]) -> None:
         """KV transport handshake of every prefill worker with every decode worker, before

@@ -144,6 +144,38 @@ class RouterMetrics:
             ["decision", "reason"],
             registry=r,
         )
+        # The planner's (router.planner_loop): only reported while --planner runs.
+        self.planner_desired_workers = Gauge(
+            "pdserve_planner_desired_workers",
+            "Workers per role the planner wants.",
+            ["role"],
+            registry=r,
+        )
+        self.planner_workers = Gauge(
+            "pdserve_planner_workers",
+            "Workers per role by state: ready (serving), starting, draining.",
+            ["role", "state"],
+            registry=r,
+        )
+        self.planner_decisions = Counter(
+            "pdserve_planner_decisions",
+            "Planner decisions by role, direction (up, down, give_up) and reason.",
+            ["role", "direction", "reason"],
+            registry=r,
+        )
+        self.planner_placement_failures = Counter(
+            "pdserve_planner_placement_failures",
+            "Workers given up: not placed or not started within the placement timeout, or "
+            "failed to start.",
+            ["role"],
+            registry=r,
+        )
+        self.planner_drain_timeouts = Counter(
+            "pdserve_planner_drain_timeouts",
+            "Retired workers killed with requests still in flight (they fail over).",
+            ["role"],
+            registry=r,
+        )
 
     # -- written by the API layer ------------------------------------------------------
 

@@ -11,9 +11,12 @@ returns. Each role is decided on its own:
 - **down** by one when it has been slack for ``scale_down_after`` ticks in a row: latency
   under ``slack_fraction`` of the SLO (or no traffic), an empty queue, and (decode) free KV
   over ``kv_free_high``; the loop drains the worker before removing it;
-- never while a worker of that role is still starting (its effect is not visible yet), and
-  never within ``cooldown_s`` of the role's last change; always within the bounds, and at
-  once back into them if the worker count left them;
+- never while a worker of that role is still starting or draining (the last change's effect
+  is not visible yet), and never within ``cooldown_s`` of the role's last change; always
+  within the bounds, and at once back into them if the worker count left them;
+- TTFT over the SLO is prefill pressure only while prompts wait or run on prefill workers:
+  a TTFT spent queueing on a busy decode worker (local prefill) is not cured by more
+  prefill workers;
 - a worker that has not become ready within ``placement_timeout_s`` is given up (the loop
   removes the pending actor and reports it), and the role does not grow again for
   ``placement_backoff_s``, doubled after each failure in a row: a cluster that cannot place
@@ -56,6 +59,7 @@ class PlannerConfig:
     max_decode: int = 4
     interval_s: float = 2.0  # one decision per interval
     window_s: float = 20.0  # the latency percentiles' window
+    percentile: float = 0.9  # of TTFT and ITL over the window, against the SLOs
     scale_up_after: int = 2  # ticks in a row under pressure
     scale_down_after: int = 10  # ticks in a row slack
     cooldown_s: float = 20.0  # after a change of a role, before its next
@@ -66,12 +70,23 @@ class PlannerConfig:
     kv_free_high: float = 0.5
     placement_timeout_s: float = 120.0
     placement_backoff_s: float = 600.0  # no growth of a role after a placement timeout
+    drain_timeout_s: float = 120.0  # a retired worker's requests may finish; then it is killed
 
     def __post_init__(self) -> None:
         positive = ("slo_ttft_ms", "slo_itl_ms", "interval_s", "window_s", "placement_timeout_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("cooldown_s", "placement_backoff_s", "drain_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.percentile <= 1:
+            raise ValueError(f"percentile must be in (0, 1], got {self.percentile}")
+        if self.prefill_queue_high <= 0 or self.decode_queue_high <= 0:
+            raise ValueError(
+                "prefill_queue_high and decode_queue_high must be positive, got "
+                f"{self.prefill_queue_high} and {self.decode_queue_high}"
+            )
         for role in Role:
             low, high = self.bounds(role)
             if not 0 <= low <= high:
@@ -109,12 +124,13 @@ class PlannerConfig:
 class RoleLoad:
     """One role as the router measured it at one tick."""
 
-    ready: int  # workers serving
+    ready: int  # workers serving (draining ones excluded)
     starting: int = 0  # asked for and not ready yet
+    draining: int = 0  # retired: finishing their requests, then removed
     oldest_start_s: float | None = None  # when the longest-starting one was asked for
     queue: float = 0.0  # waiting requests over the role's ready workers
     latency_ms: float | None = None  # window percentile (TTFT or ITL); None: no samples
-    kv_free_fraction: float | None = None  # decode: the least free KV of its workers
+    kv_free_fraction: float | None = None  # decode: free KV blocks over all its workers' total
 
 
 @dataclass(frozen=True)
@@ -177,6 +193,9 @@ class Planner:
                     role, state, obs, current, current - 1, Reason.PLACEMENT_TIMEOUT
                 )
             return None
+        if load.draining:
+            state.up_streak = state.down_streak = 0
+            return None
         if state.placed_target is not None and load.ready >= state.placed_target:
             state.placement_failures, state.placed_target = 0, None  # the last growth placed
         if current < low and obs.time >= state.no_growth_until:
@@ -197,7 +216,8 @@ class Planner:
 
     def _pressure(self, role: Role, load: RoleLoad) -> Reason | None:
         config = self.config
-        if load.latency_ms is not None and load.latency_ms > config.slo_ms(role):
+        over_slo = load.latency_ms is not None and load.latency_ms > config.slo_ms(role)
+        if over_slo and (role is Role.DECODE or load.queue > 0):
             return Reason.LATENCY
         if load.queue > config.queue_high(role) * max(load.ready, 1):
             return Reason.QUEUE

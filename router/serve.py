@@ -31,6 +31,8 @@ from router.backends.cluster import BackendConfig, ClusterBackend
 from router.cluster import Cluster, ClusterConfig, parse_resources
 from router.limits import RequestLimits
 from router.metrics import RouterMetrics
+from router.planner import PlannerConfig, Role
+from router.planner_loop import PlannerLoop
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +124,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="how often workers are health-checked (failing ones are replaced)",
     )
 
+    group = parser.add_argument_group("planner")
+    group.add_argument(
+        "--planner",
+        action="store_true",
+        help="scale prefill and decode workers between the bounds to meet the SLOs",
+    )
+    hints = typing.get_type_hints(PlannerConfig)
+    for field in dataclasses.fields(PlannerConfig):
+        group.add_argument(
+            "--" + _planner_flag(field.name).replace("_", "-"),
+            dest=_planner_flag(field.name),
+            type=hints[field.name],
+            default=field.default,
+        )
+
     group = parser.add_argument_group("kv transfer")
     group.add_argument(
         "--kv-secret-file",
@@ -140,6 +157,30 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             )
 
 
+def _planner_flag(name: str) -> str:
+    """PlannerConfig field -> flag: the SLOs and bounds as they are, the rest ``planner_*``."""
+    return name if name.startswith(("slo_", "min_", "max_")) else "planner_" + name
+
+
+def planner_config_from_args(args: argparse.Namespace) -> PlannerConfig | None:
+    """``--planner``'s config (None without it); the starting counts must be in the bounds."""
+    if not args.planner:
+        return None
+    config = PlannerConfig(
+        **{f.name: getattr(args, _planner_flag(f.name)) for f in dataclasses.fields(PlannerConfig)}
+    )
+    counts = [("decode", args.num_decode, config.min_decode, config.max_decode)]
+    if not args.colocated:
+        counts.append(("prefill", args.num_prefill, config.min_prefill, config.max_prefill))
+    for role, count, low, high in counts:
+        if not low <= count <= high:
+            raise ValueError(
+                f"--num-{role} {count} is outside the planner's bounds "
+                f"[--min-{role} {low}, --max-{role} {high}]"
+            )
+    return config
+
+
 def build_backend(args: argparse.Namespace, engine: EngineConfig) -> ClusterBackend:
     kv_fields = {
         f.name: getattr(args, "kv_" + f.name)
@@ -147,6 +188,7 @@ def build_backend(args: argparse.Namespace, engine: EngineConfig) -> ClusterBack
         if f.name not in _KV_NOT_FLAGS
     }
     kv_fields["secret"] = load_secret(args.kv_secret_file)
+    planner = planner_config_from_args(args)
     num_gpus = args.num_gpus_per_worker
     if num_gpus is None:
         num_gpus = 1.0 if engine.parallel.device.startswith("cuda") else 0.0
@@ -164,9 +206,12 @@ def build_backend(args: argparse.Namespace, engine: EngineConfig) -> ClusterBack
             decode_accelerator_type=args.decode_accelerator_type,
             num_gpus_per_worker=num_gpus,
             kv_host=args.kv_host,
+            max_num_workers=None
+            if planner is None
+            else planner.max_decode + (0 if args.colocated else planner.max_prefill),
         )
     )
-    return ClusterBackend(
+    backend = ClusterBackend(
         cluster,
         BackendConfig(
             enable_local_prefill=args.enable_local_prefill,
@@ -179,6 +224,10 @@ def build_backend(args: argparse.Namespace, engine: EngineConfig) -> ClusterBack
         ),
         RouterMetrics(),
     )
+    if planner is not None:
+        roles = (Role.DECODE,) if args.colocated else tuple(Role)
+        backend.planner = PlannerLoop(planner, backend, roles)
+    return backend
 
 
 def build_app_from_args(

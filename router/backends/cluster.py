@@ -43,6 +43,7 @@ from router.backend import (
 from router.backends.clients import WorkerClient, WorkerDiedError
 from router.cluster import Cluster
 from router.metrics import RouterMetrics
+from router.planner_loop import PlannerLoop
 from router.policy import (
     DecodeWorkerSnapshot,
     PairingDecision,
@@ -150,6 +151,7 @@ class ClusterBackend:
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
         self._health_check_now = asyncio.Event()  # set: check (and replace) workers now
+        self.planner: PlannerLoop | None = None  # --planner: started with the backend
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -170,6 +172,8 @@ class ClusterBackend:
             asyncio.create_task(self._every(self.config.stats_interval_s, self.refresh_stats)),
             asyncio.create_task(self._health_loop()),
         ]
+        if self.planner is not None:
+            self._tasks.append(asyncio.create_task(self.planner.run()))
 
     async def shutdown(self) -> None:
         for task in self._tasks + list(self._background):
@@ -524,11 +528,44 @@ class ClusterBackend:
             "workers": healthy,
             "num_prefill": len(self.cluster.prefill),
             "num_decode": len(self.cluster.decode),
+            "num_draining_prefill": sum(w.role == "prefill" for w in self.cluster.draining),
+            "num_draining_decode": sum(w.role == "decode" for w in self.cluster.draining),
             "transport": self.cluster.config.kv_transfer.transport,
         }
 
     def worker_stats(self) -> dict[str, WorkerStats]:
         return dict(self._stats)
+
+    # -- the planner's view and verbs (router.planner_loop) -----------------------------
+
+    def num_in_flight(self, worker_id: str) -> int:
+        """Requests in flight whose decode or prefill worker is ``worker_id``."""
+        return sum(
+            1
+            for f in self._inflight.values()
+            if f.decode.worker_id == worker_id
+            or (f.prefill is not None and f.prefill.worker_id == worker_id)
+        )
+
+    def planner_load(self, role: str) -> tuple[float, float | None]:
+        """The serving workers of ``role``: their queue (prefill: prompts waiting or running,
+        as the pairing policy counts them; decode: requests waiting for a batch slot) and
+        (decode) free KV blocks over their total; None without stats."""
+        workers = [w.worker_id for w in self.cluster.workers(role) if w.worker_id in self._stats]
+        if role == "prefill":
+            return float(sum(self._queued(w) for w in workers)), None
+        stats = [self._stats[w] for w in workers]
+        total = sum(s.num_total_blocks for s in stats)
+        kv_free = sum(s.num_free_blocks for s in stats) / total if total else None
+        return float(sum(s.num_waiting for s in stats)), kv_free
+
+    def forget_worker(self, worker_id: str) -> None:
+        """A retired worker: out of the stats, the prefix-affinity index and the gauges."""
+        stats = self._stats.pop(worker_id, None)
+        if self.policy is not None:
+            self.policy.index.remove_worker(worker_id)
+        if stats is not None:
+            self.metrics.remove_worker(stats.role, worker_id)
 
 
 def _as_backend_error(error: Exception) -> Exception:

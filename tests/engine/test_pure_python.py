@@ -26,6 +26,8 @@ PURE_MODULES = [
     "router.generation",
     "router.serving",
     "router.policy",
+    "router.planner",
+    "router.planner_loop",
     "router.api",
 ]
 

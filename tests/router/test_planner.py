@@ -112,10 +112,46 @@ def test_long_generations_add_a_decode_worker_for_kv_pressure() -> None:
 def test_oscillating_load_between_the_marks_does_not_flap() -> None:
     fleet = Fleet(ready={Role.PREFILL: 2, Role.DECODE: 1})
     # TTFT alternates over and well under the SLO every tick: never two in a row over it.
-    ticks = [({"latency_ms": 1200.0 if i % 2 else 300.0}, CALM_DECODE) for i in range(60)]
+    ticks = [
+        ({"latency_ms": 1200.0 if i % 2 else 300.0, "queue": 1.0}, CALM_DECODE) for i in range(60)
+    ]
     assert run(Planner(CONFIG), fleet, ticks) == []
     # Between the slack mark (500 ms) and the SLO (1000 ms): neither up nor down, ever.
     assert run(Planner(CONFIG), fleet, [({"latency_ms": 700.0}, CALM_DECODE)] * 60) == []
+    # A queue that crosses the high mark every other tick: no change either.
+    queues = [({"queue": 9.0 if i % 2 else 1.0}, CALM_DECODE) for i in range(60)]
+    assert run(Planner(CONFIG), fleet, queues) == []
+
+
+def test_a_step_down_in_decode_load_retires_one_worker_at_a_time() -> None:
+    fleet = Fleet(ready={Role.PREFILL: 1, Role.DECODE: 3})
+    busy = {"latency_ms": 40.0, "kv_free_fraction": 0.3, "queue": 2.0}  # between the marks
+    made = run(Planner(CONFIG), fleet, [({}, busy)] * 20 + [({}, CALM_DECODE)] * 30)
+    assert [(t, d.role, d.current, d.desired, d.reason) for t, d in made] == [
+        (48.0, Role.DECODE, 3, 2, Reason.SLACK),  # the 5th slack tick after the step (40 s)
+        (58.0, Role.DECODE, 2, 1, Reason.SLACK),  # one cooldown later
+    ]
+
+
+def test_ttft_over_the_slo_without_prefill_work_is_not_prefill_pressure() -> None:
+    # Prompts prefilled on a busy decode worker: TTFT is high but no prompt waits on prefill.
+    made = run(Planner(CONFIG), Fleet(), [({"latency_ms": 5000.0, "queue": 0.0}, {})] * 10)
+    assert made == []
+    made = run(Planner(CONFIG), Fleet(), [({"latency_ms": 5000.0, "queue": 1.0}, {})] * 5)
+    assert [(d.role, d.reason) for _, d in made] == [(Role.PREFILL, Reason.LATENCY)]
+
+
+def test_no_change_while_a_worker_of_the_role_drains() -> None:
+    planner = Planner(CONFIG)
+    draining = RoleLoad(ready=1, draining=1, queue=50.0, latency_ms=9000.0)
+    for tick in range(10):
+        obs = Observation(tick * TICK_S, draining, RoleLoad(ready=1))
+        assert planner.decide(obs) == []
+    # Drained: pressure must build up again (``scale_up_after`` ticks) before a change.
+    busy = RoleLoad(ready=1, queue=50.0, latency_ms=9000.0)
+    assert planner.decide(Observation(20.0, busy, RoleLoad(ready=1))) == []
+    (decision,) = planner.decide(Observation(22.0, busy, RoleLoad(ready=1)))
+    assert (decision.role, decision.desired) == (Role.PREFILL, 2)
 
 
 def test_changes_respect_cooldown_and_wait_for_starting_workers() -> None:
@@ -154,6 +190,9 @@ def test_bounds_are_restored_first() -> None:
         ({"slo_ttft_ms": 0}, "slo_ttft_ms must be positive, got 0"),
         ({"kv_free_low": 0.6, "kv_free_high": 0.5}, "kv_free_low < kv_free_high"),
         ({"slack_fraction": 1.0}, "slack_fraction must be in"),
+        ({"percentile": 0.0}, "percentile must be in \\(0, 1\\], got 0.0"),
+        ({"drain_timeout_s": -1}, "drain_timeout_s must be >= 0, got -1"),
+        ({"decode_queue_high": 0}, "decode_queue_high must be positive"),
     ],
 )
 def test_bad_config_is_refused(fields: dict, message: str) -> None:
