@@ -126,8 +126,11 @@ def test_every_corrupted_transfer_lands_altered_and_is_detected(
             with pytest.raises(ChecksumError, match="landed corrupt"):
                 _transfer(sender, peer, request_id)
             assert peer.status(request_id) is TransferStatus.FAILED
-            landed = peer.blocks(DST[:1])[0, 0, 0]  # layer 0, first block, K
-            assert not torch.equal(landed, _expected(src_caches, SRC[:1])[0, 0, 0])
+            # The writer posts a layer in destination order and corrupts the first block
+            # it posts: the lowest destination id, layer 0, K.
+            first = DST.index(min(DST))
+            landed = peer.blocks(DST[first : first + 1])[0, 0, 0]
+            assert not torch.equal(landed, _expected(src_caches, SRC[first : first + 1])[0, 0, 0])
             assert peer.cancel(request_id)
     finally:
         sender.close()
