@@ -281,7 +281,7 @@ class ClusterBackend:
         prefill: WorkerClient | None,
     ) -> AsyncIterator[RequestDelta]:
         """One try on one pair of workers; its failures become ``_AttemptFailed`` naming the
-        worker to avoid. Deltas keep the original request's id and prompt size."""
+        worker to avoid. Deltas keep the original request's id."""
         resumed = list(emitted) or None
         try:
             if prefill is None:
@@ -290,12 +290,12 @@ class ClusterBackend:
                 )
             else:
                 stream = self._remote(request, worker_request_id, resumed, decode, prefill)
-            async for delta in stream:
-                yield dataclasses.replace(
-                    delta,
-                    request_id=request.request_id,
-                    num_prompt_tokens=len(request.prompt_token_ids),
-                )
+            if worker_request_id == request.request_id:
+                async for delta in stream:
+                    yield delta
+            else:  # a retry: its deltas carry the attempt's id
+                async for delta in stream:
+                    yield dataclasses.replace(delta, request_id=request.request_id)
         except _AttemptFailed:
             raise
         except WorkerDiedError as error:
