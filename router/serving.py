@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from engine.scheduler_output import TokenLogprobs
-from router.backend import GenerateRequest, ServingBackend
+from router.backend import BackendError, GenerateRequest, ServingBackend
 from router.chat import encode_completion_prompts, render_chat_prompt
 from router.generation import SequenceUpdate, stream_sequences
 from router.metrics import RouterMetrics
@@ -198,21 +198,33 @@ class OpenAIServing:
                 opening = ChatStreamChoice(index=index, delta=delta)
                 yield chunk_type(id=response_id, model=model, choices=[opening]).model_dump_json()
         templates: dict[int, tuple[str, str]] = {}
-        async with contextlib.aclosing(self._updates(requests)) as updates:
-            async for update in updates:
-                choice = choices[update.index]
-                choice.add(update)
-                if update.finished or update.logprobs:
+        try:
+            async with contextlib.aclosing(self._updates(requests)) as updates:
+                async for update in updates:
+                    choice = choices[update.index]
+                    choice.add(update)
+                    if update.finished or update.logprobs:
+                        stream_choice = self._stream_choice(request, choice, update)
+                        chunk = chunk_type(id=response_id, model=model, choices=[stream_choice])
+                        yield chunk.model_dump_json()
+                    elif update.text:
+                        template = templates.get(update.index)
+                        if template is None:
+                            template = templates[update.index] = self._text_chunk_template(
+                                request, chunk_type, response_id, model, update.index
+                            )
+                        text = json.dumps(update.text, ensure_ascii=False)
+                        yield template[0] + text + template[1]
+        except BackendError:
+            # The cluster could not finish it (e.g. --max-migrations spent): every open choice
+            # ends with finish_reason "error"; the caller then sends the error event.
+            for index, choice in enumerate(choices):
+                if choice.finish_reason is None:
+                    update = SequenceUpdate(index, "", [], None, "error", None, 0, 0)
                     stream_choice = self._stream_choice(request, choice, update)
                     chunk = chunk_type(id=response_id, model=model, choices=[stream_choice])
                     yield chunk.model_dump_json()
-                elif update.text:
-                    template = templates.get(update.index)
-                    if template is None:
-                        template = templates[update.index] = self._text_chunk_template(
-                            request, chunk_type, response_id, model, update.index
-                        )
-                    yield template[0] + json.dumps(update.text, ensure_ascii=False) + template[1]
+            raise
         if request.include_usage_in_stream:
             usage = self._usage(choices, request.n)
             yield chunk_type(id=response_id, model=model, choices=[], usage=usage).model_dump_json()

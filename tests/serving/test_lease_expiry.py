@@ -45,6 +45,9 @@ def _check_503(server: Server) -> None:
         events = [line for line in stream.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == ("backend_unavailable")
+    # Before the error event, the open choice ends with finish_reason "error".
+    (last,) = json.loads(events[-3].removeprefix("data: "))["choices"]
+    assert (last["finish_reason"], last["text"]) == ("error", "")
     assert server.metric("pdserve_prefill_decisions_total", decision="remote") >= 2
     assert server.metric("pdserve_request_migrations_total", reason="exhausted") == 2
     server.wait_idle()  # nothing reserved, pinned or running on either worker
