@@ -68,6 +68,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.step_started_at: float | None = None  # time.monotonic() of the step running now
+        self._stopped = False  # set by shutdown: no command is taken any more
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -77,9 +78,14 @@ class AsyncEngine:
             self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop; a command sent after this (or left queued) fails with
+        ``EngineDeadError`` instead of waiting forever, as a dead worker's would."""
+        self._stopped = True
         self._commands.put(_STOP)
         if self._thread is not None:
             self._thread.join(timeout)
+        if not self.is_running:
+            self._fail_pending_commands(RuntimeError("shut down"))
 
     @property
     def is_running(self) -> bool:
@@ -91,6 +97,8 @@ class AsyncEngine:
         """Run ``fn(engine)`` on the loop thread; await it with ``asyncio.wrap_future``."""
         if self.error is not None:
             raise EngineDeadError(f"the engine loop died: {self.error!r}")
+        if self._stopped:
+            raise EngineDeadError("the engine loop was shut down")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._commands.put((fn, future))
         return future

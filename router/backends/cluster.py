@@ -54,6 +54,8 @@ from router.policy import (
 
 logger = logging.getLogger(__name__)
 
+STATS_TIMEOUT_S = 5.0  # a worker's stats call; past it the worker is not chosen until it answers
+
 
 @dataclass(frozen=True)
 class BackendConfig:
@@ -480,10 +482,18 @@ class ClusterBackend:
         return max(stats.num_waiting + stats.num_running, in_flight)
 
     async def refresh_stats(self) -> None:
+        """Every worker's stats, each within ``STATS_TIMEOUT_S``: a worker that does not answer
+        (dead, or hung) leaves the policy's input until it does, and cannot hold up the
+        others' refresh."""
         workers = self.cluster.prefill + self.cluster.decode
-        results = await asyncio.gather(*(w.stats() for w in workers), return_exceptions=True)
+        results = await asyncio.gather(
+            *(asyncio.wait_for(w.stats(), STATS_TIMEOUT_S) for w in workers),
+            return_exceptions=True,
+        )
         for worker, stats in zip(workers, results):
             if isinstance(stats, BaseException):
+                if isinstance(stats, asyncio.TimeoutError):
+                    logger.warning("%s did not answer for its stats", worker.worker_id)
                 self._stats.pop(worker.worker_id, None)
                 continue
             self._stats[worker.worker_id] = stats

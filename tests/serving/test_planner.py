@@ -330,13 +330,27 @@ def test_replacement_and_retirement_of_the_same_worker_at_once(offline: Offline)
             added = await cluster.add_worker("decode")
             assert added.worker_id == "decode-1"
             dead = cluster.worker("decode-0")
-            dead.target.shutdown()  # fails its next health check
-            replacing = asyncio.create_task(cluster.replace_unhealthy())
-            await asyncio.sleep(0.05)  # the replacement of decode-0 is being created
-            assert not replacing.done()
-            drain = backend.planner.retire("decode-0")
-            replaced = await replacing
-            await drain
+            dead.target.shutdown()  # fails its next health check at once
+            # Hold the replacement's creation until decode-0 is retired (it would otherwise
+            # finish in milliseconds in-process): the two changes must overlap.
+            created = asyncio.Event()
+            create = cluster._create
+
+            async def gated_create(role: str, worker_id: str):
+                await created.wait()
+                return await create(role, worker_id)
+
+            cluster._create = gated_create
+            try:
+                replacing = asyncio.create_task(cluster.replace_unhealthy())
+                await asyncio.sleep(0.05)  # the replacement of decode-0 is being created
+                assert not replacing.done()
+                drain = backend.planner.retire("decode-0")
+                created.set()
+                replaced = await replacing
+                await drain
+            finally:
+                del cluster._create  # the class's own again
             return replaced
 
         replaced = server.run(scenario, timeout_s=120)
