@@ -232,8 +232,8 @@ class ClusterBackend:
                     str(failure.__cause__).partition("\n")[0],
                 )
                 last_failure = failure
-            except (WorkerDiedError, KVTransferFailedError, ValueError) as error:
-                raise _as_backend_error(error) from error
+            except ValueError as error:  # a worker refused the request's input
+                raise InvalidRequestError(str(error)) from error
             finally:
                 self._inflight.pop(request_id, None)
                 if not finished:  # the one abort owner: this request's scope
@@ -576,11 +576,3 @@ class ClusterBackend:
             self.policy.index.remove_worker(worker_id)
         if stats is not None:
             self.metrics.remove_worker(stats.role, worker_id)
-
-
-def _as_backend_error(error: Exception) -> Exception:
-    # A dead worker, or KV that did not land in time (e.g. the reservation's lease ran out
-    # while the prompt waited in a long prefill queue): 503 with Retry-After, not a 500.
-    if isinstance(error, (WorkerDiedError, KVTransferFailedError)):
-        return BackendUnavailableError(str(error))
-    return InvalidRequestError(str(error))
