@@ -16,6 +16,7 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SCHEDULING_POLICIES = ("fcfs", "priority")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
+LINEAR_BACKENDS = ("auto", "torch", "onednn")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -116,6 +117,9 @@ class ParallelConfig:
 
     device: str = "auto"  # "auto" picks cuda when available, else cpu
     attention_backend: str = "auto"  # "auto": triton on CUDA, torch on CPU
+    # Projections and logits: "onednn" reorders each weight once into oneDNN's blocked layout
+    # (CPU, float32); "auto" picks it there and torch's F.linear everywhere else.
+    linear_backend: str = "auto"
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
     # CPU: torch intra-op threads for this engine's process (None: torch's default, one per
@@ -132,6 +136,10 @@ class ParallelConfig:
             self.attention_backend in ATTENTION_BACKENDS,
             f"attention_backend must be one of {ATTENTION_BACKENDS}, "
             f"got {self.attention_backend!r}",
+        )
+        _check(
+            self.linear_backend in LINEAR_BACKENDS,
+            f"linear_backend must be one of {LINEAR_BACKENDS}, got {self.linear_backend!r}",
         )
         _check(
             self.num_threads is None or self.num_threads > 0,

@@ -37,6 +37,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_linear_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``ParallelConfig.linear_backend`` made concrete: "onednn" or "torch"."""
+    onednn_fits = (
+        device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    )
+    if name == "auto":
+        return "onednn" if onednn_fits else "torch"
+    if name == "onednn" and not onednn_fits:
+        raise ValueError(
+            f"linear_backend 'onednn' needs the CPU, float32 and a torch built with oneDNN; "
+            f"got device {device}, dtype {dtype}, oneDNN available: "
+            f"{torch.backends.mkldnn.is_available()}"
+        )
+    return name
+
+
 @dataclass
 class StepInputs:
     input_ids: torch.Tensor  # [num_tokens]
@@ -58,7 +74,12 @@ class ModelRunner:
             config.parallel.attention_backend, self.device.type
         )
         self.model_path = resolve_model_path(config.model.model)
+        self.linear_backend = resolve_linear_backend(
+            config.parallel.linear_backend, self.device, self.dtype
+        )
         self.model, self.hf_config = load_model(config.model, self.attention_backend, self.device)
+        if self.linear_backend == "onednn":
+            self.model.pack_for_cpu()
         self.geometry = self.model.args
         max_position = self.hf_config.max_position_embeddings
         self.max_model_len = min(config.model.max_model_len or max_position, max_position)
@@ -80,10 +101,11 @@ class ModelRunner:
             device=self.device,
         )
         logger.info(
-            "model loaded on %s (%s, attention=%s); KV cache: %d blocks of %d tokens",
+            "model loaded on %s (%s, attention=%s, linear=%s); KV cache: %d blocks of %d tokens",
             self.device,
             config.model.dtype,
             self.attention_backend.name,
+            self.linear_backend,
             self.num_blocks,
             self.block_size,
         )

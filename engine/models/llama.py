@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
-from engine.models.layers import RMSNorm, silu_and_mul
+from engine.models.layers import PackedLinear, RMSNorm, pack_linears, silu_and_mul
 from engine.models.rope import RopeConfig, RotaryEmbedding, apply_rotary, rope_config_from_hf
 
 LayerCallback = Callable[[int], None]
@@ -153,6 +153,19 @@ class LlamaForCausalLM(nn.Module):
             else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         )
         self.rotary = RotaryEmbedding(args.rope)
+        # Set by ``pack_for_cpu``: the logits projection with its weight prepacked for oneDNN.
+        self.packed_logits: PackedLinear | None = None
+
+    def pack_for_cpu(self) -> None:
+        """Prepack every projection and the logits for oneDNN (CPU, float32), once loaded.
+
+        The Linear modules are replaced, so their weights can no longer be loaded or read;
+        the tied embedding stays for the lookup and the logits get their own packed copy.
+        """
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        self.packed_logits = PackedLinear(weight, None)
+        self.lm_head = None  # an untied head's weight lives on only in packed_logits
+        pack_linears(self)
 
     @classmethod
     def args_from_hf_config(cls, hf_config: Any) -> LlamaArgs:
@@ -213,6 +226,8 @@ class LlamaForCausalLM(nn.Module):
         self,
         hidden_states: torch.Tensor,  # [num_rows, hidden_size]
     ) -> torch.Tensor:  # [num_rows, vocab_size] float32
+        if self.packed_logits is not None:
+            return self.packed_logits(hidden_states).float()
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden_states, weight).float()
 
@@ -220,6 +235,8 @@ class LlamaForCausalLM(nn.Module):
 
     def hf_weight_map(self) -> dict[str, tuple[nn.Parameter, int, int]]:
         """Hugging Face tensor name -> (our parameter, first row, number of rows)."""
+        if self.packed_logits is not None:
+            raise RuntimeError("the weights are prepacked for oneDNN: load them before packing")
         entries: dict[str, tuple[nn.Parameter, int, int]] = {}
 
         def add_fused(hf_names: list[str], sizes: list[int], module: nn.Module) -> None:

@@ -66,6 +66,14 @@ def test_greedy_matches_hf(checkpoint) -> None:
     assert _ours(_llm(path), prompts) == expected
 
 
+def test_greedy_matches_hf_with_torch_linears(checkpoint) -> None:
+    """The unpacked projections (``F.linear``), as on GPUs and in half precision."""
+    path, prompts, expected = checkpoint
+    llm = _llm(path, linear_backend="torch")
+    assert llm.engine.runner.linear_backend == "torch"
+    assert _ours(llm, prompts) == expected
+
+
 def test_greedy_matches_hf_with_chunked_prefill(checkpoint) -> None:
     path, prompts, expected = checkpoint
     llm = _llm(path, max_num_batched_tokens=8)  # smaller than the longest prompt (30)

@@ -99,9 +99,21 @@ def test_batched_prefill_matches_hf(family):
 
 
 def test_chunked_prefill_and_decodes_match_hf(family):
+    _, _, hf_model, model = family
+    _check_chunked_prefill_and_decodes(hf_model, model)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")
+def test_projections_prepacked_for_onednn_match_hf(family):
+    _, path, hf_model, _ = family
+    model, _ = load_model(ModelConfig(model=str(path)), TorchAttentionBackend(), CPU)
+    model.pack_for_cpu()
+    _check_chunked_prefill_and_decodes(hf_model, model)
+
+
+def _check_chunked_prefill_and_decodes(hf_model, model) -> None:
     """Step 1: A whole, B's first chunk. Step 2: A decodes, B's second chunk, C whole.
     Step 3: A, B and C decode. Every row is compared with HF on the full sequence."""
-    _, _, hf_model, model = family
     a, b, c = _prompts([6, 13, 9])
     extra = _prompts([3, 2, 1])
     a_full, b_full, c_full = a + extra[0], b + extra[1], c + extra[2]
