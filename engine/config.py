@@ -15,7 +15,7 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 # (engine/gguf_cache.py). ``pdserve-tiny`` (random weights) is the fast test model.
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SCHEDULING_POLICIES = ("fcfs", "priority")
-ATTENTION_BACKENDS = ("auto", "torch", "triton")
+ATTENTION_BACKENDS = ("auto", "cpu", "torch", "triton")
 LINEAR_BACKENDS = ("auto", "torch", "onednn")
 
 
@@ -116,7 +116,7 @@ class ParallelConfig:
     """Where the engine runs. Tensor parallelism is reserved for a later issue (size 1)."""
 
     device: str = "auto"  # "auto" picks cuda when available, else cpu
-    attention_backend: str = "auto"  # "auto": triton on CUDA, torch on CPU
+    attention_backend: str = "auto"  # "auto": triton on CUDA, cpu on CPU (torch if unbuildable)
     # Projections and logits: "onednn" reorders each weight once into oneDNN's blocked layout
     # (CPU, float32); "auto" picks it there and torch's F.linear everywhere else.
     linear_backend: str = "auto"

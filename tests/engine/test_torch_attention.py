@@ -120,6 +120,6 @@ def test_negative_slots_are_not_written():
 
 
 def test_registry_returns_the_torch_backend():
-    backend = get_attention_backend("auto", "cpu")
+    backend = get_attention_backend("torch", "cpu")
     assert isinstance(backend, TorchAttentionBackend)
     assert backend.name == "torch"

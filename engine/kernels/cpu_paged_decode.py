@@ -1,0 +1,102 @@
+"""Paged decode attention on the CPU (float32), a C++ op built on first use.
+
+The torch backend gathers every decode's blocks into a padded copy and then attends over the
+copy: on the CPU, where decode attention is bound by memory bandwidth, that is three passes
+over the context (read, write, read). ``cpu_paged_decode.cpp`` reads each cached K/V row
+once, straight from the paged cache (one task per sequence and KV head, all query heads of
+the group together), and runs on torch's intra-op threads.
+
+Built with ``torch.utils.cpp_extension`` (g++ and ninja; ``make`` installs them and builds it
+once) into torch's extension cache, where later processes find it. The reference is
+``paged_decode_attention_reference`` (``engine.kernels.paged_decode_attention``): the same
+maths over a gathered copy.
+
+Order as in llm.c: kernel (the .cpp file), launcher.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+from engine.kernels._checks import check_attention_inputs, check_int32
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_suffix(".cpp")
+_EXTENSION_NAME = "pdserve_cpu_paged_decode"
+
+
+class CpuKernelUnavailableError(RuntimeError):
+    """The C++ op could not be built or loaded (no compiler, a build error)."""
+
+
+def _simd_flags() -> list[str]:
+    """AVX2/FMA code only where this CPU has them (the build runs on the serving machine)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return []
+    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= set(flags) else []
+
+
+@functools.cache
+def load_extension():
+    """Build (or find in torch's extension cache) and import the op; raises if it cannot."""
+    from torch.utils.cpp_extension import load
+
+    try:
+        return load(
+            name=_EXTENSION_NAME,
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-fopenmp-simd", *_simd_flags()],
+            verbose=False,
+        )
+    except Exception as error:  # compiler missing, build failed: say which and why
+        raise CpuKernelUnavailableError(
+            f"could not build the CPU paged-attention op from {_SOURCE.name}: {error}"
+        ) from error
+
+
+def is_available() -> bool:
+    """Whether the op builds and loads here (logs why not, once)."""
+    try:
+        load_extension()
+    except CpuKernelUnavailableError as error:
+        logger.warning("%s; decode attention falls back to the torch backend", error)
+        return False
+    return True
+
+
+def paged_decode_attention(
+    query: torch.Tensor,  # [num_seqs, num_heads, head_dim] float32, CPU
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim] float32
+    block_tables: torch.Tensor,  # [num_seqs, max_num_blocks] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32, each <= max_num_blocks * block_size
+    scale: float,
+) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
+    """Attention of each sequence's one query token over its ``seq_lens`` cached tokens."""
+    check_attention_inputs(query, kv_cache, None)
+    num_seqs, num_blocks, block_size = query.shape[0], kv_cache.shape[1], kv_cache.shape[2]
+    if query.device.type != "cpu" or query.dtype != torch.float32:
+        raise ValueError(f"the CPU op takes float32 CPU tensors, got {query.dtype} {query.device}")
+    check_int32("seq_lens", seq_lens, (num_seqs,))
+    check_int32("block_tables", block_tables, (num_seqs, -1))
+    if num_seqs and int(seq_lens.max()) > block_tables.shape[1] * block_size:
+        raise ValueError(
+            f"seq_lens up to {int(seq_lens.max())} need more than the "
+            f"{block_tables.shape[1]} blocks of {block_size} tokens in block_tables"
+        )
+    if num_seqs and not 0 <= int(block_tables.min()) <= int(block_tables.max()) < num_blocks:
+        raise ValueError(f"block_tables must hold block ids in [0, {num_blocks})")
+    return load_extension().paged_decode_attention(
+        query.contiguous(),
+        kv_cache[0],
+        kv_cache[1],
+        block_tables.contiguous(),
+        seq_lens.contiguous(),
+        scale,
+    )
