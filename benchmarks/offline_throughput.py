@@ -136,7 +136,8 @@ def bench_vllm(
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"vLLM offline run failed:\n{(done.stdout + done.stderr)[-3000:]}")
     figures = json.loads(lines[-1].removeprefix("PDSERVE-RESULT "))
-    return _figures(figures["elapsed"], sum(map(len, prompts)), figures["num_out"], len(prompts))
+    num_in = sum(map(len, prompts))
+    return _figures(figures["elapsed"], num_in, figures["num_out"], len(prompts), None)
 
 
 def bench_hf(model_path: Path, prompts: list[list[int]], output_len: int, batch_size: int) -> dict:
@@ -173,12 +174,13 @@ def bench_hf(model_path: Path, prompts: list[list[int]], output_len: int, batch_
 
 
 def _figures(
-    elapsed: float, num_in: int, num_out: int, num_requests: int, cpu_s: float
-) -> dict[str, float]:
-    """Wall-clock rates, and CPU seconds of this process (steadier on a shared machine)."""
+    elapsed: float, num_in: int, num_out: int, num_requests: int, cpu_s: float | None
+) -> dict[str, float | None]:
+    """Wall-clock rates, and CPU seconds of this process (steadier on a shared machine; None
+    for vLLM, whose engine core runs in a process of its own)."""
     return {
-        "cpu_s": round(cpu_s, 3),
-        "output_tokens_per_cpu_s": round(num_out / cpu_s, 1),
+        "cpu_s": None if cpu_s is None else round(cpu_s, 3),
+        "output_tokens_per_cpu_s": None if cpu_s is None else round(num_out / cpu_s, 1),
         "elapsed_s": round(elapsed, 3),
         "requests_per_s": round(num_requests / elapsed, 3),
         "output_tokens_per_s": round(num_out / elapsed, 1),
