@@ -98,6 +98,7 @@ class DecodeWorker(EngineWorker):
         sampling_params: SamplingParams,
         output_token_ids: list[int] | None,
     ) -> Reservation:
+        self._refuse_if_aborted(request_id)
         lease_s = self.kv_config.lease_s
         request = engine.reserve(
             request_id,
@@ -178,20 +179,39 @@ class DecodeWorker(EngineWorker):
         self.loop.route(request_id)
         try:
             await self.run(
-                lambda e: e.add_request(
-                    request_id, prompt_token_ids, sampling_params, priority, output_token_ids
+                lambda e: self._add_request(
+                    e, request_id, prompt_token_ids, sampling_params, priority, output_token_ids
                 )
             )
         except BaseException:
             self.loop.drop_route(request_id)
             raise
 
+    def _add_request(
+        self,
+        engine: LLMEngine,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        priority: int,
+        output_token_ids: list[int] | None,
+    ) -> None:
+        self._refuse_if_aborted(request_id)
+        engine.add_request(
+            request_id, prompt_token_ids, sampling_params, priority, output_token_ids
+        )
+
     # -- lifecycle ---------------------------------------------------------------------
 
     async def abort(self, request_id: str) -> None:
-        """The one abort on this side: the route, the receiver's reservation, the engine."""
+        """The one abort on this side: the route, the receiver's reservation, the engine;
+        a reserve or generate of the id that arrives later is refused."""
         self.loop.drop_route(request_id)
-        await self.run(lambda e: self._release(e, request_id))
+        await self.run(lambda e: self._abort(e, request_id))
+
+    def _abort(self, engine: LLMEngine, request_id: str) -> None:
+        self._release(engine, request_id)
+        self._mark_aborted(request_id)
 
     def _release(self, engine: LLMEngine, request_id: str) -> None:
         self._cancel_kv(engine, request_id)

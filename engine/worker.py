@@ -11,6 +11,7 @@ import asyncio
 import os
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 from engine.async_engine import AsyncEngine, OutboxItem
@@ -23,6 +24,14 @@ from engine.wire import WorkerInfo, WorkerStats
 # A single engine step running longer than this means the loop is stuck: the worker fails
 # its health check and the router replaces it. Long prefills on CPU take seconds, not this.
 STEP_STALL_S = 600.0
+
+# Aborted request ids remembered, for a call that arrives after its abort (Ray may start an
+# async actor's calls out of order): enough for many seconds of aborts at any real rate.
+MAX_ABORTED_IDS = 4096
+
+
+class RequestAbortedError(RuntimeError):
+    """A request's abort arrived before this call: the call is refused, nothing is kept."""
 
 
 def _ray_node_id() -> str | None:
@@ -40,6 +49,7 @@ class EngineWorker:
         self.engine = LLMEngine(engine_config)
         self.block_size = engine_config.cache.block_size
         self._started = time.monotonic()
+        self._aborted: OrderedDict[str, None] = OrderedDict()  # loop thread only
         # Roles start the loop at the end of their own __init__, once their hooks can run.
         self.loop = AsyncEngine(self.engine, on_layer=self._on_layer, on_step=self._on_step)
 
@@ -102,6 +112,16 @@ class EngineWorker:
 
     async def abort(self, request_id: str) -> None:
         await self.loop.abort(request_id)
+
+    # Loop thread: a role's abort marks the id; its calls that start a request refuse one.
+    def _mark_aborted(self, request_id: str) -> None:
+        self._aborted[request_id] = None
+        if len(self._aborted) > MAX_ABORTED_IDS:
+            self._aborted.popitem(last=False)
+
+    def _refuse_if_aborted(self, request_id: str) -> None:
+        if request_id in self._aborted:
+            raise RequestAbortedError(f"request {request_id!r} was aborted before this call")
 
     # -- the output channel ------------------------------------------------------------
     #

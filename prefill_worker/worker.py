@@ -12,7 +12,10 @@ Lifecycle of one request on this worker:
 3. The first token is sampled and returned at once; the transfer may still be in flight.
    When the sender's flush resolves (the decode worker acknowledged every block), the blocks
    are unpinned and stay here only as evictable prefix cache.
-4. ``abort`` drops the request and its transfer at any point.
+4. ``abort`` drops the request and its transfer at any point, even before ``prefill`` came
+   in (Ray may start an async actor's calls out of order): the id is remembered and that
+   prefill is refused. A layer the sender cannot take fails that request's transfer only;
+   nothing a transfer does can stop the engine loop.
 """
 
 from __future__ import annotations
@@ -126,12 +129,16 @@ class PrefillWorker(EngineWorker):
         """
         result: Future[TransferStats] = Future()
         self._results[request_id] = result
+        transfer = None
         if target is not None:
-            self.sender.begin(target)
             transfer = _Transfer(target, num_skip_blocks, next_block=num_skip_blocks)
-            await self.run(lambda e: self._transfers.__setitem__(request_id, transfer))
         else:
             result.set_result(TransferStats(request_id, 0, 0.0))
+        try:
+            await self.run(lambda e: self._begin_transfer(request_id, transfer))
+        except BaseException:
+            self._results.pop(request_id, None)
+            raise
         num_outputs = len(output_token_ids or ())
         params = replace(  # one token more than it has
             sampling_params,
@@ -170,12 +177,14 @@ class PrefillWorker(EngineWorker):
                 self._results.pop(request_id, None)
 
     async def abort(self, request_id: str) -> None:
-        # The transfer leaves the loop thread before the sender drops it: a step in between
-        # would send a layer the sender refuses, and an error in a layer hook kills the loop.
+        # One loop-thread call drops the transfer here and in the sender, between steps, so
+        # a step never sees one without the other. Shielded: once queued it runs even if
+        # this caller is cancelled.
         try:
-            await self.run(lambda e: self._drop_transfer(e, request_id))
-        finally:
-            self.sender.abort(request_id)
+            await asyncio.shield(self.run(lambda e: self._drop_transfer(e, request_id)))
+        except BaseException:
+            self.sender.abort(request_id)  # the loop is gone: the sender's threads are not
+            raise
         await super().abort(request_id)
         future = self._results.pop(request_id, None)
         if future is not None and not future.done():
@@ -194,9 +203,19 @@ class PrefillWorker(EngineWorker):
                 self._plan_step(transfer, seq)
             src, dst = transfer.step_blocks
             if src:
-                self.sender.send_layer(seq.request_id, layer, src, dst)
+                try:
+                    self.sender.send_layer(seq.request_id, layer, src, dst)
+                except Exception as error:  # this request's transfer, never the loop
+                    self._fail_transfer(seq.request_id, error)
+                    continue
             if layer == self.num_layers - 1 and seq.sample:
                 self._finish_transfer(seq.request_id, transfer)
+
+    def _begin_transfer(self, request_id: str, transfer: _Transfer | None) -> None:
+        self._refuse_if_aborted(request_id)
+        if transfer is not None:
+            self.sender.begin(transfer.target)
+            self._transfers[request_id] = transfer
 
     def _plan_step(self, transfer: _Transfer, seq: ScheduledSequence) -> None:
         if not transfer.started:
@@ -241,9 +260,22 @@ class PrefillWorker(EngineWorker):
         flushed.add_done_callback(on_flushed)
 
     def _drop_transfer(self, engine: LLMEngine, request_id: str) -> None:
+        """Abort: the transfer goes, and the id is kept so a late ``prefill`` is refused."""
+        self._release_transfer(request_id)
+        self._mark_aborted(request_id)
+
+    def _fail_transfer(self, request_id: str, error: Exception) -> None:
+        logger.warning("KV transfer of %s failed: %r", request_id, error)
+        self._release_transfer(request_id)
+        result = self._results.get(request_id)
+        if result is not None and not result.done():
+            result.set_exception(error)
+
+    def _release_transfer(self, request_id: str) -> None:
         transfer = self._transfers.pop(request_id, None)
+        self.sender.abort(request_id)
         if transfer is not None and transfer.pinned:
-            engine.unpin_blocks(transfer.pinned)
+            self.engine.unpin_blocks(transfer.pinned)
 
     def shutdown(self) -> None:
         super().shutdown()

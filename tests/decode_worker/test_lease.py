@@ -11,6 +11,7 @@ import pytest
 from decode_worker.worker import DecodeWorker, KVTransferFailedError, NoCapacityError
 from engine.arg_utils import engine_config_from_kwargs
 from engine.sampling_params import SamplingParams
+from engine.worker import RequestAbortedError
 from kv_transfer.base import KVTransferConfig
 from router.backends.clients import InProcessClient
 
@@ -76,5 +77,31 @@ def test_a_decode_waiting_for_kv_that_never_comes_fails_when_the_lease_ends(
         assert time.monotonic() - started < 5
         stats = await worker.stats()
         assert (stats.num_reserved, stats.num_free_blocks) == (0, baseline)
+
+    asyncio.run(main())
+
+
+def test_an_abort_that_arrives_first_refuses_the_reserve_and_generate_after_it(
+    worker: DecodeWorker,
+) -> None:
+    """Ray may start an async actor's calls out of order: a reservation made after its
+    request's abort would hold blocks for a whole lease, a generate would run for nobody."""
+
+    async def main() -> None:
+        await worker.abort("late")
+        with pytest.raises(RequestAbortedError, match="aborted before this call"):
+            await worker.reserve("late", list(range(5, 45)), PARAMS)
+        await worker.abort("late-local")
+        with pytest.raises(RequestAbortedError, match="aborted before this call"):
+            await worker.generate("late-local", list(range(5, 45)), PARAMS)
+        stats = await worker.stats()
+        assert (stats.num_reserved, stats.num_running, stats.num_waiting) == (0, 0, 0)
+        assert stats.num_free_blocks == NUM_BLOCKS
+        assert not worker.loop.has_route("late-local")
+        # Other ids are served as before.
+        tokens = []
+        async for delta in InProcessClient(worker).generate("fresh", list(range(5, 45)), PARAMS):
+            tokens.extend(delta.new_token_ids)
+        assert len(tokens) == PARAMS.max_tokens
 
     asyncio.run(main())
