@@ -36,7 +36,7 @@ from engine.outputs import RequestDelta
 from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import SchedulerOutput
-from engine.wire import StreamError
+from engine.wire import EngineDeadError, StreamError
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +44,6 @@ T = TypeVar("T")
 _STOP = object()
 Sink = Callable[[RequestDelta | BaseException], None]
 OutboxItem = RequestDelta | StreamError
-
-
-class EngineDeadError(RuntimeError):
-    pass
 
 
 class AsyncEngine:
@@ -144,6 +140,8 @@ class AsyncEngine:
             )
             while True:
                 item = await deltas.get()
+                if isinstance(item, EngineDeadError):
+                    raise item
                 if isinstance(item, BaseException):
                     raise EngineDeadError(f"the engine loop died: {item!r}") from item
                 yield item
@@ -241,7 +239,11 @@ class AsyncEngine:
         except BaseException as error:  # reported to every open route, then re-raised
             logger.exception("engine loop failed")
             self.error = error
-            self._to_event_loop(self._fail_routes, None, error)
+            # Every reader, in-process or across Ray, learns the worker is dead (the router
+            # migrates its requests and replaces it), whatever killed the loop.
+            dead = EngineDeadError(f"the engine loop died: {error!r}")
+            dead.__cause__ = error
+            self._to_event_loop(self._fail_routes, None, dead)
             self._fail_pending_commands(error)
             raise
 

@@ -109,7 +109,8 @@ class StreamError:
         """The worker-side exception as the router handles it: the wire errors below and
         ``ValueError`` (bad input: HTTP 400) keep their class; anything else is a
         ``RuntimeError`` carrying the worker's message."""
-        known = {c.__name__: c for c in (NoCapacityError, KVTransferFailedError, ValueError)}
+        kinds = (NoCapacityError, KVTransferFailedError, EngineDeadError, ValueError)
+        known = {c.__name__: c for c in kinds}
         if self.kind in known:
             return known[self.kind](self.message)
         return RuntimeError(f"{self.kind}: {self.message}")
@@ -117,6 +118,11 @@ class StreamError:
 
 class NoCapacityError(RuntimeError):
     """No free KV blocks for the request right now (the router retries or answers 429)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The worker's engine loop died or was shut down: the worker serves nothing more; the
+    router treats it as a dead worker (its requests migrate, it is replaced)."""
 
 
 class KVTransferFailedError(RuntimeError):

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from engine.outputs import RequestDelta
 from engine.sampling_params import SamplingParams
 from engine.wire import (
+    EngineDeadError,
     PrefillResult,
     Reservation,
     StreamError,
@@ -38,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 
 class WorkerDiedError(RuntimeError):
-    """The worker process is gone; its requests are lost and it must be replaced."""
+    """The worker process is gone, or its engine loop died; its requests are lost and it
+    must be replaced."""
 
 
 class WorkerClient:
@@ -134,6 +136,18 @@ class WorkerClient:
     # -- how calls and outputs travel (per target kind) ----------------------------------
 
     async def _call(self, method: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return await self._call_target(method, *args)
+        except EngineDeadError as error:  # across Ray too: its task errors keep the class
+            raise self._as_died(error) from error
+
+    def _as_died(self, error: Exception) -> Exception:
+        """A dead engine loop is a dead worker to the router."""
+        if isinstance(error, EngineDeadError):
+            return WorkerDiedError(f"{self.role} worker {self.worker_id}: {error}")
+        return error
+
+    async def _call_target(self, method: Callable[..., Any], *args: Any) -> Any:
         raise NotImplementedError
 
     def _outputs(self) -> AsyncIterator[list[RequestDelta | StreamError]]:
@@ -183,7 +197,7 @@ class WorkerClient:
                     if queue is None:  # the reader went away (aborted)
                         continue
                     if isinstance(item, StreamError):
-                        queue.put_nowait(item.to_exception())
+                        queue.put_nowait(self._as_died(item.to_exception()))
                     else:
                         queue.put_nowait(item)
         except WorkerDiedError as error:
@@ -199,7 +213,7 @@ class InProcessClient(WorkerClient):
     def __init__(self, worker: Any) -> None:
         super().__init__(worker, worker.worker_id, worker.role)
 
-    async def _call(self, method: Callable[..., Any], *args: Any) -> Any:
+    async def _call_target(self, method: Callable[..., Any], *args: Any) -> Any:
         result = method(*args)
         if isinstance(result, Awaitable):
             result = await result
@@ -214,7 +228,7 @@ class InProcessClient(WorkerClient):
 
 
 class RayClient(WorkerClient):
-    async def _call(self, method: Any, *args: Any) -> Any:
+    async def _call_target(self, method: Any, *args: Any) -> Any:
         import ray
 
         try:

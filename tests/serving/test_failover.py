@@ -74,15 +74,20 @@ async def _run(server: Server, stream: Stream) -> Stream:
 
 def _under_load(server: Server, streams: list[Stream], kill_when, pid: int) -> list[Stream]:
     """Run every stream at once; SIGKILL ``pid`` as soon as ``kill_when(streams)`` holds."""
+    return _struck_under_load(server, streams, kill_when, lambda: os.kill(pid, signal.SIGKILL))
+
+
+def _struck_under_load(server: Server, streams: list[Stream], strike_when, strike) -> list[Stream]:
+    """Run every stream at once; call ``strike()`` as soon as ``strike_when(streams)`` holds."""
 
     async def main() -> list[Stream]:
         tasks = [asyncio.create_task(_run(server, s)) for s in streams]
         deadline = time.monotonic() + LOAD_TIMEOUT_S
-        while not kill_when(streams):
+        while not strike_when(streams):
             assert time.monotonic() < deadline, "the load never reached the point to kill at"
             assert not all(t.done() for t in tasks), "every stream ended before the kill"
             await asyncio.sleep(0.01)
-        os.kill(pid, signal.SIGKILL)
+        strike()
         return await asyncio.wait_for(asyncio.gather(*tasks), LOAD_TIMEOUT_S)
 
     return asyncio.run(main())
@@ -177,3 +182,35 @@ def test_decode_worker_killed_mid_decode(
         assert done[-1].text == undisturbed.text
         assert _migrations(server, "decode_died") > before, "no request saw D die"
         _wait_replaced(server, pid)
+
+
+def test_a_decode_worker_whose_engine_loop_dies_is_a_dead_worker(offline: Offline) -> None:
+    """The process lives but its engine loop died (an exception in a step): its streams end
+    with ``EngineDeadError``, which the router takes as the worker's death: every request
+    resumes on the replacement, exact. Workers in this process (``--transport local``); the
+    fault is injected into the decode worker's next engine step."""
+    argv = ["--num-prefill", "1", "--num-decode", "1", "--health-interval-s", "1"]
+    with serve([*argv, "--transport", "local"]) as server:
+        streams = [Stream(words(660 + i, 40), 120, GREEDY) for i in range(4)]
+        (client,) = server.backend.cluster.decode
+        worker = client.target
+
+        def fail_next_step(*args, **kwargs):
+            raise RuntimeError("injected: the decode step failed")
+
+        def all_decoding(streams: list[Stream]) -> bool:
+            return all(len(s.token_texts) >= 3 for s in streams)
+
+        before = _migrations(server, "decode_died")
+        done = _struck_under_load(
+            server, streams, all_decoding, lambda: setattr(worker.engine, "step", fail_next_step)
+        )
+        assert worker.loop.error is not None, "the injected fault never ran"
+        for stream in done:
+            _check_greedy(offline, stream)
+        assert _migrations(server, "decode_died") >= before + len(streams)
+        deadline = time.monotonic() + LOAD_TIMEOUT_S
+        while server.backend.cluster.decode[0].target is worker:
+            assert time.monotonic() < deadline, "the worker was not replaced"
+            time.sleep(0.1)
+        server.wait_idle(timeout_s=60)
