@@ -184,6 +184,8 @@ def test_decode_worker_killed_mid_decode(
         _wait_replaced(server, pid)
 
 
+# The injected fault ends the engine-loop thread with an exception, as it would in production.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_decode_worker_whose_engine_loop_dies_is_a_dead_worker(offline: Offline) -> None:
     """The process lives but its engine loop died (an exception in a step): its streams end
     with ``EngineDeadError``, which the router takes as the worker's death: every request
