@@ -28,10 +28,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ScheduledSequence, SchedulerOutput
-from engine.wire import PrefillResult, TransferStats
+from engine.wire import EngineDeadError, PrefillResult, TransferStats
 from engine.worker import EngineWorker
 from kv_transfer.base import KVTransferConfig, ReceiverInfo, TransferResult, TransferTarget
 from kv_transfer.transport import get_transport
@@ -181,8 +180,8 @@ class PrefillWorker(EngineWorker):
         # a step never sees one without the other. Shielded: once queued it runs even if
         # this caller is cancelled.
         try:
-            await asyncio.shield(self.run(lambda e: self._drop_transfer(e, request_id)))
-        except BaseException:
+            await asyncio.shield(self.run(lambda e: self._drop_transfer(request_id)))
+        except EngineDeadError:
             self.sender.abort(request_id)  # the loop is gone: the sender's threads are not
             raise
         await super().abort(request_id)
@@ -245,30 +244,32 @@ class PrefillWorker(EngineWorker):
 
         def on_flushed(done: Future[TransferResult]) -> None:
             self.loop.call(lambda e: e.unpin_blocks(transfer.pinned))
-            result = self._results.get(request_id)
-            if result is None or result.done():
-                return
             error = done.exception()
             if error is not None:
-                logger.warning("KV transfer of %s failed: %s", request_id, error)
-                result.set_exception(error)
-            else:
+                self._fail_result(request_id, error)
+                return
+            result = self._results.get(request_id)
+            if result is not None and not result.done():
                 seconds = time.monotonic() - transfer.started
                 breakdown = done.result().breakdown
                 result.set_result(TransferStats(request_id, num_bytes, seconds, breakdown))
 
         flushed.add_done_callback(on_flushed)
 
-    def _drop_transfer(self, engine: LLMEngine, request_id: str) -> None:
+    def _drop_transfer(self, request_id: str) -> None:
         """Abort: the transfer goes, and the id is kept so a late ``prefill`` is refused."""
         self._release_transfer(request_id)
         self._mark_aborted(request_id)
 
     def _fail_transfer(self, request_id: str, error: Exception) -> None:
-        logger.warning("KV transfer of %s failed: %r", request_id, error)
         self._release_transfer(request_id)
+        self._fail_result(request_id, error)
+
+    def _fail_result(self, request_id: str, error: BaseException) -> None:
+        """``wait_transfer`` raises ``error`` (from any thread; the first outcome stands)."""
         result = self._results.get(request_id)
         if result is not None and not result.done():
+            logger.warning("KV transfer of %s failed: %r", request_id, error)
             result.set_exception(error)
 
     def _release_transfer(self, request_id: str) -> None:

@@ -63,6 +63,16 @@ async def _serve(prefill: PrefillWorker, decode: InProcessClient, request_id: st
     return tokens
 
 
+async def _paired(
+    prefill: PrefillWorker, decode: DecodeWorker
+) -> tuple[InProcessClient, list[int]]:
+    """Pair the workers and serve one request: the decode worker's client, and the tokens
+    that request gets (every later one with the same prompt must get them too)."""
+    await prefill.connect_kv(await decode.kv_receiver_info())
+    client = InProcessClient(decode)
+    return client, await _serve(prefill, client, "warm")
+
+
 async def _assert_idle(prefill: PrefillWorker) -> None:
     stats = await prefill.stats()
     assert (stats.num_waiting, stats.num_running, stats.num_pinned_blocks) == (0, 0, 0)
@@ -74,9 +84,7 @@ def test_an_abort_that_arrives_before_its_prefill_refuses_it_and_keeps_nothing(w
     prefill, decode = workers
 
     async def main() -> None:
-        await prefill.connect_kv(await decode.kv_receiver_info())
-        client = InProcessClient(decode)
-        expected = await _serve(prefill, client, "warm")
+        client, expected = await _paired(prefill, decode)
         prompt = list(range(10, 70))
         reservation = await decode.reserve("r", prompt, PARAMS)
         await prefill.abort("r")  # Ray started the abort first
@@ -100,12 +108,12 @@ def test_a_layer_the_sender_refuses_fails_that_transfer_not_the_loop(workers) ->
     prefill, decode = workers
 
     async def main() -> None:
-        await prefill.connect_kv(await decode.kv_receiver_info())
-        client = InProcessClient(decode)
-        expected = await _serve(prefill, client, "warm")
+        client, expected = await _paired(prefill, decode)
         reservation = await decode.reserve("long", LONG_PROMPT, PARAMS)
         prefilling = asyncio.ensure_future(
-            prefill.prefill("long", LONG_PROMPT, PARAMS, reservation.target, 0)
+            prefill.prefill(
+                "long", LONG_PROMPT, PARAMS, reservation.target, reservation.num_skip_blocks
+            )
         )
 
         def drop_in_sender(engine) -> bool:
