@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 from engine.async_engine import AsyncEngine, OutboxItem
+from engine.channel import ChannelAddress, ChannelServer
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestDelta
@@ -50,6 +51,7 @@ class EngineWorker:
         self.block_size = engine_config.cache.block_size
         self._started = time.monotonic()
         self._aborted: OrderedDict[str, None] = OrderedDict()  # loop thread only
+        self._channel = ChannelServer(self, self.outputs)
         # Roles start the loop at the end of their own __init__, once their hooks can run.
         self.loop = AsyncEngine(self.engine, on_layer=self._on_layer, on_step=self._on_step)
 
@@ -123,12 +125,22 @@ class EngineWorker:
         if request_id in self._aborted:
             raise RequestAbortedError(f"request {request_id!r} was aborted before this call")
 
-    # -- the output channel ------------------------------------------------------------
+    # -- the outputs, and the channel the router reaches them by -------------------------
     #
     # A request started with ``DecodeWorker.generate`` or ``decode`` sends its deltas to the
     # engine's outbox: each engine step's deltas of all such requests are one list, sent to
-    # the reader as is. One reader per worker (the router's client); a Ray streaming item
-    # costs ~1 ms of CPU, so this is one message per wake-up, not one per request per token.
+    # the reader as is. One reader per worker: the router's client, in process or over the
+    # worker channel (``engine/channel.py``), one frame per wake-up, not one per request.
+
+    async def open_channel(self, router_node_id: str | None) -> ChannelAddress:
+        """Where the router reaches this worker's verbs and outputs (see ``engine.channel``):
+        loopback when the router runs on this node, else this Ray node's address."""
+        node_id = _ray_node_id()
+        if node_id is None or node_id == router_node_id:
+            return await self._channel.open("127.0.0.1")
+        import ray.util
+
+        return await self._channel.open(ray.util.get_node_ip_address())
 
     async def outputs(self) -> AsyncIterator[list[OutboxItem]]:
         """Every outbox-routed request's deltas, in order, as lists of what was ready
@@ -143,6 +155,7 @@ class EngineWorker:
             yield batch
 
     def shutdown(self) -> None:
+        self._channel.close()
         self.loop.shutdown()
 
 

@@ -21,6 +21,7 @@ PURE_MODULES = [
     "engine.detokenizer",
     # What the router needs to talk to workers: the wire types and the typed clients.
     "engine.wire",
+    "engine.channel",
     "router.backends.clients",
     "router.backend",
     "router.generation",

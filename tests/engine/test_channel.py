@@ -1,0 +1,164 @@
+"""The worker channel (``engine.channel``) on real loopback sockets: calls, outputs, errors,
+the token, and a lost connection. A Ray worker's channel is exercised end to end by the
+serving tests (``tests/serving``), whose Ray clusters send every request verb over it."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import struct
+
+import pytest
+
+from engine.channel import (
+    TOKEN_BYTES,
+    ChannelAddress,
+    ChannelClient,
+    ChannelClosedError,
+    ChannelServer,
+)
+from engine.outputs import RequestDelta
+from engine.worker import RequestAbortedError
+
+
+class Worker:
+    """Stand-in verbs with observable effects (every name is a channel verb)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.outbox: asyncio.Queue[list] = asyncio.Queue()
+        self.release = asyncio.Event()
+
+    def abort(self, request_id: str) -> str:  # sync: answered as returned
+        self.calls.append(request_id)
+        return f"aborted {request_id}"
+
+    async def reserve(self, request_id: str) -> None:
+        raise RequestAbortedError(f"request {request_id!r} was aborted before this call")
+
+    async def wait_transfer(self, request_id: str, timeout_s: float | None) -> str:
+        await self.release.wait()
+        return request_id
+
+    async def prefill(self, request_id: str) -> object:
+        return lambda: None  # does not pickle
+
+    async def decode(self, request_id: str, first_token_id: int) -> None:
+        self.outbox.put_nowait([RequestDelta(request_id, [first_token_id], None, None, 3, 0)])
+
+    async def outputs(self):
+        while True:
+            yield await self.outbox.get()
+
+
+async def _pair(worker: Worker):
+    server = ChannelServer(worker, worker.outputs)
+    address = await server.open("127.0.0.1")
+    batches: asyncio.Queue[list] = asyncio.Queue()
+    closed: list[ChannelClosedError] = []
+    client = await ChannelClient.connect(address, batches.put_nowait, closed.append)
+    return server, address, client, batches, closed
+
+
+def test_calls_answer_in_order_and_outputs_arrive() -> None:
+    async def main() -> None:
+        worker = Worker()
+        server, _, client, batches, closed = await _pair(worker)
+        answers = await asyncio.gather(*(client.call("abort", f"r{i}") for i in range(200)))
+        assert answers == [f"aborted r{i}" for i in range(200)]
+        assert worker.calls == [f"r{i}" for i in range(200)]  # started in the order sent
+
+        await client.call("decode", "r7", 42)
+        batch = await asyncio.wait_for(batches.get(), 5)
+        assert batch == [RequestDelta("r7", [42], None, None, 3, 0)]
+        client.close()
+        server.close()
+        assert closed and isinstance(closed[0], ChannelClosedError)
+
+    asyncio.run(main())
+
+
+def test_errors_keep_their_class_and_an_unsendable_answer_is_an_error() -> None:
+    async def main() -> None:
+        server, _, client, _, closed = await _pair(Worker())
+        with pytest.raises(RequestAbortedError, match="aborted before this call"):
+            await client.call("reserve", "r1")
+        with pytest.raises(RuntimeError, match="prefill: unsendable answer"):
+            await client.call("prefill", "r2")
+        assert await client.call("abort", "r3") == "aborted r3"  # the channel goes on
+        assert not closed
+        client.close()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_a_lost_connection_fails_calls_in_flight_and_later_calls() -> None:
+    async def main() -> None:
+        worker = Worker()
+        server, _, client, _, closed = await _pair(worker)
+        waiting = asyncio.ensure_future(client.call("wait_transfer", "r1", None))
+        await asyncio.sleep(0.05)
+        server.close()  # the worker's side goes away, as a killed process's does
+        with pytest.raises(ChannelClosedError):
+            await asyncio.wait_for(waiting, 5)
+        assert len(closed) == 1
+        with pytest.raises(ChannelClosedError):
+            await client.call("abort", "r2")
+        assert worker.calls == []
+
+    asyncio.run(main())
+
+
+def _raw_call(verb: str) -> bytes:
+    payload = pickle.dumps(("call", 1, verb, ("r1",)))
+    return struct.pack("<I", len(payload)) + payload
+
+
+@pytest.mark.parametrize(
+    "opening",
+    [
+        pytest.param(lambda a: b"\0" * TOKEN_BYTES + _raw_call("abort"), id="wrong-token"),
+        pytest.param(lambda a: a.token + _raw_call("shutdown"), id="not-a-channel-verb"),
+    ],
+)
+def test_a_wrong_token_or_verb_is_refused_and_runs_nothing(opening) -> None:
+    async def main() -> None:
+        worker = Worker()
+        server = ChannelServer(worker, worker.outputs)
+        address: ChannelAddress = await server.open("127.0.0.1")
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        writer.write(opening(address))
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing answered
+        writer.close()
+        assert worker.calls == []
+
+        # The worker still serves a router that has the token.
+        client = await ChannelClient.connect(address, lambda batch: None, lambda error: None)
+        assert await client.call("abort", "r2") == "aborted r2"
+        client.close()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_a_newer_router_connection_replaces_the_older_one() -> None:
+    async def main() -> None:
+        worker = Worker()
+        server, address, first, _, first_closed = await _pair(worker)
+        await first.call("abort", "r1")
+        batches: asyncio.Queue[list] = asyncio.Queue()
+        second = await ChannelClient.connect(address, batches.put_nowait, lambda error: None)
+        assert await second.call("abort", "r2") == "aborted r2"
+        await asyncio.wait_for(_until(lambda: bool(first_closed)), 5)
+        await second.call("decode", "r3", 5)  # outputs go to the newer connection
+        assert (await asyncio.wait_for(batches.get(), 5))[0].new_token_ids == [5]
+        second.close()
+        server.close()
+
+    asyncio.run(main())
+
+
+async def _until(predicate) -> None:
+    while not predicate():
+        await asyncio.sleep(0.01)
