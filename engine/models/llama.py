@@ -103,7 +103,12 @@ class LlamaAttention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        else:  # one rotary for both: the heads of q and k side by side in qkv
+            qk = apply_rotary(
+                qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim), cos, sin
+            )
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         out = self.backend.forward(q, k, v.contiguous(), kv_cache, metadata, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -159,8 +164,8 @@ class LlamaForCausalLM(nn.Module):
     def pack_for_cpu(self) -> None:
         """Prepack every projection and the logits for oneDNN (CPU, float32), once loaded.
 
-        The Linear modules are replaced, so their weights can no longer be loaded or read;
-        the tied embedding stays for the lookup and the logits get their own packed copy.
+        The Linear modules are replaced, so their weights can no longer be loaded; the tied
+        embedding stays for the lookup and the logits' packed copy refers to it for one row.
         """
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         self.packed_logits = PackedLinear(weight, None)

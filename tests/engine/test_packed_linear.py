@@ -11,7 +11,7 @@ from engine.attention.torch_backend import TorchAttentionBackend
 from engine.config import ModelConfig, ParallelConfig
 from engine.loader import load_model
 from engine.model_runner import resolve_linear_backend
-from engine.models.layers import PackedLinear, pack_linears
+from engine.models.layers import PackedLinear, RMSNorm, pack_linears
 from tests.helpers import make_hf_checkpoint
 
 CPU = torch.device("cpu")
@@ -68,3 +68,13 @@ def test_auto_picks_onednn_only_for_float32_on_the_cpu() -> None:
 def test_unknown_linear_backend_is_refused() -> None:
     with pytest.raises(ValueError, match="linear_backend must be one of"):
         ParallelConfig(linear_backend="mkl")
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (7, 768), (33, 256), (3, 9, 64), (2, 4096)])
+def test_rms_norm_fast_path_equals_the_reference_arithmetic_in_float32(shape) -> None:
+    gen = torch.Generator().manual_seed(shape[-1])
+    norm = RMSNorm(shape[-1], 1e-5)
+    norm.weight.data = torch.randn(shape[-1], generator=gen)
+    x = 3 * torch.randn(*shape, generator=gen)
+    reference = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    assert torch.equal(norm(x), reference)
