@@ -51,6 +51,8 @@ class PackedLinear(nn.Module):
     weights are loaded.
     """
 
+    single_row_plain = True  # False: one row too through oneDNN (benchmarks/decode_step_cpu.py)
+
     def __init__(
         self,
         weight: torch.Tensor,  # [out_features, in_features] float32, CPU
@@ -66,7 +68,7 @@ class PackedLinear(nn.Module):
         self,
         x: torch.Tensor,  # [num_tokens, in_features]
     ) -> torch.Tensor:  # [num_tokens, out_features]
-        if x.shape[0] == 1:
+        if x.shape[0] == 1 and self.single_row_plain:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
