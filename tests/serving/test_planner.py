@@ -380,9 +380,13 @@ def test_past_the_drain_timeout_requests_migrate(local_ray: None, offline: Offli
         backend = server.backend
         old_pid = server.worker_infos["decode-1"].pid
         with Load(server, 50_000, SHORT_WORDS, 300, num_clients=4, max_requests=1) as load:
+            # All four in flight first: a client that has not sent its request when the load
+            # stops never sends it (requests reach workers within milliseconds now).
             deadline = time.monotonic() + 60
-            while backend.num_in_flight("decode-1") == 0:
-                assert time.monotonic() < deadline, "no request reached decode-1"
+            while backend.num_in_flight("decode-1") == 0 or (
+                backend.num_in_flight("decode-0") + backend.num_in_flight("decode-1") < 4
+            ):
+                assert time.monotonic() < deadline, "not all four requests are on decode workers"
                 time.sleep(0.02)
 
             async def retire() -> None:
