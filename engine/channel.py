@@ -125,17 +125,8 @@ class ChannelServer:
 
     def close(self) -> None:
         """Stop listening and drop the connection; from any thread."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        try:
-            on_loop = asyncio.get_running_loop() is loop
-        except RuntimeError:
-            on_loop = False
-        if on_loop:
-            self._close()
-        else:
-            loop.call_soon_threadsafe(self._close)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._close)
 
     def _close(self) -> None:
         if self._connection is not None:

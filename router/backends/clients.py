@@ -145,9 +145,10 @@ class WorkerClient:
 
     def _as_died(self, error: Exception) -> Exception:
         """A dead engine loop is a dead worker to the router."""
-        if isinstance(error, EngineDeadError):
-            return WorkerDiedError(f"{self.role} worker {self.worker_id}: {error}")
-        return error
+        return self._died(error) if isinstance(error, EngineDeadError) else error
+
+    def _died(self, error: BaseException) -> WorkerDiedError:
+        return WorkerDiedError(f"{self.role} worker {self.worker_id} died: {error}")
 
     async def _call_target(self, verb: str, *args: Any) -> Any:
         raise NotImplementedError
@@ -288,9 +289,6 @@ class RayClient(WorkerClient):
 
     def _lost(self, error: ChannelClosedError) -> None:
         self._fail_streams(self._died(error))
-
-    def _died(self, error: BaseException) -> WorkerDiedError:
-        return WorkerDiedError(f"{self.role} worker {self.worker_id} died: {error}")
 
     def shutdown(self) -> None:
         import ray

@@ -5,6 +5,7 @@ serving tests (``tests/serving``), whose Ray clusters send every request verb ov
 from __future__ import annotations
 
 import asyncio
+import functools
 import pickle
 import struct
 
@@ -51,6 +52,16 @@ class Worker:
             yield await self.outbox.get()
 
 
+def _sync(test):
+    """An async test run to its end in a fresh event loop."""
+
+    @functools.wraps(test)
+    def run(*args, **kwargs) -> None:
+        asyncio.run(test(*args, **kwargs))
+
+    return run
+
+
 async def _pair(worker: Worker):
     server = ChannelServer(worker, worker.outputs)
     address = await server.open("127.0.0.1")
@@ -60,54 +71,48 @@ async def _pair(worker: Worker):
     return server, address, client, batches, closed
 
 
-def test_calls_answer_in_order_and_outputs_arrive() -> None:
-    async def main() -> None:
-        worker = Worker()
-        server, _, client, batches, closed = await _pair(worker)
-        answers = await asyncio.gather(*(client.call("abort", f"r{i}") for i in range(200)))
-        assert answers == [f"aborted r{i}" for i in range(200)]
-        assert worker.calls == [f"r{i}" for i in range(200)]  # started in the order sent
+@_sync
+async def test_calls_answer_in_order_and_outputs_arrive() -> None:
+    worker = Worker()
+    server, _, client, batches, closed = await _pair(worker)
+    answers = await asyncio.gather(*(client.call("abort", f"r{i}") for i in range(200)))
+    assert answers == [f"aborted r{i}" for i in range(200)]
+    assert worker.calls == [f"r{i}" for i in range(200)]  # started in the order sent
 
-        await client.call("decode", "r7", 42)
-        batch = await asyncio.wait_for(batches.get(), 5)
-        assert batch == [RequestDelta("r7", [42], None, None, 3, 0)]
-        client.close()
-        server.close()
-        assert closed and isinstance(closed[0], ChannelClosedError)
-
-    asyncio.run(main())
+    await client.call("decode", "r7", 42)
+    batch = await asyncio.wait_for(batches.get(), 5)
+    assert batch == [RequestDelta("r7", [42], None, None, 3, 0)]
+    client.close()
+    server.close()
+    assert closed and isinstance(closed[0], ChannelClosedError)
 
 
-def test_errors_keep_their_class_and_an_unsendable_answer_is_an_error() -> None:
-    async def main() -> None:
-        server, _, client, _, closed = await _pair(Worker())
-        with pytest.raises(RequestAbortedError, match="aborted before this call"):
-            await client.call("reserve", "r1")
-        with pytest.raises(RuntimeError, match="prefill: unsendable answer"):
-            await client.call("prefill", "r2")
-        assert await client.call("abort", "r3") == "aborted r3"  # the channel goes on
-        assert not closed
-        client.close()
-        server.close()
-
-    asyncio.run(main())
+@_sync
+async def test_errors_keep_their_class_and_an_unsendable_answer_is_an_error() -> None:
+    server, _, client, _, closed = await _pair(Worker())
+    with pytest.raises(RequestAbortedError, match="aborted before this call"):
+        await client.call("reserve", "r1")
+    with pytest.raises(RuntimeError, match="prefill: unsendable answer"):
+        await client.call("prefill", "r2")
+    assert await client.call("abort", "r3") == "aborted r3"  # the channel goes on
+    assert not closed
+    client.close()
+    server.close()
 
 
-def test_a_lost_connection_fails_calls_in_flight_and_later_calls() -> None:
-    async def main() -> None:
-        worker = Worker()
-        server, _, client, _, closed = await _pair(worker)
-        waiting = asyncio.ensure_future(client.call("wait_transfer", "r1", None))
-        await asyncio.sleep(0.05)
-        server.close()  # the worker's side goes away, as a killed process's does
-        with pytest.raises(ChannelClosedError):
-            await asyncio.wait_for(waiting, 5)
-        assert len(closed) == 1
-        with pytest.raises(ChannelClosedError):
-            await client.call("abort", "r2")
-        assert worker.calls == []
-
-    asyncio.run(main())
+@_sync
+async def test_a_lost_connection_fails_calls_in_flight_and_later_calls() -> None:
+    worker = Worker()
+    server, _, client, _, closed = await _pair(worker)
+    waiting = asyncio.ensure_future(client.call("wait_transfer", "r1", None))
+    await asyncio.sleep(0.05)
+    server.close()  # the worker's side goes away, as a killed process's does
+    with pytest.raises(ChannelClosedError):
+        await asyncio.wait_for(waiting, 5)
+    assert len(closed) == 1
+    with pytest.raises(ChannelClosedError):
+        await client.call("abort", "r2")
+    assert worker.calls == []
 
 
 def _raw_call(verb: str) -> bytes:
@@ -122,41 +127,37 @@ def _raw_call(verb: str) -> bytes:
         pytest.param(lambda a: a.token + _raw_call("shutdown"), id="not-a-channel-verb"),
     ],
 )
-def test_a_wrong_token_or_verb_is_refused_and_runs_nothing(opening) -> None:
-    async def main() -> None:
-        worker = Worker()
-        server = ChannelServer(worker, worker.outputs)
-        address: ChannelAddress = await server.open("127.0.0.1")
-        reader, writer = await asyncio.open_connection(address.host, address.port)
-        writer.write(opening(address))
-        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing answered
-        writer.close()
-        assert worker.calls == []
+@_sync
+async def test_a_wrong_token_or_verb_is_refused_and_runs_nothing(opening) -> None:
+    worker = Worker()
+    server = ChannelServer(worker, worker.outputs)
+    address: ChannelAddress = await server.open("127.0.0.1")
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    writer.write(opening(address))
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing answered
+    writer.close()
+    assert worker.calls == []
 
-        # The worker still serves a router that has the token.
-        client = await ChannelClient.connect(address, lambda batch: None, lambda error: None)
-        assert await client.call("abort", "r2") == "aborted r2"
-        client.close()
-        server.close()
-
-    asyncio.run(main())
+    # The worker still serves a router that has the token.
+    client = await ChannelClient.connect(address, lambda batch: None, lambda error: None)
+    assert await client.call("abort", "r2") == "aborted r2"
+    client.close()
+    server.close()
 
 
-def test_a_newer_router_connection_replaces_the_older_one() -> None:
-    async def main() -> None:
-        worker = Worker()
-        server, address, first, _, first_closed = await _pair(worker)
-        await first.call("abort", "r1")
-        batches: asyncio.Queue[list] = asyncio.Queue()
-        second = await ChannelClient.connect(address, batches.put_nowait, lambda error: None)
-        assert await second.call("abort", "r2") == "aborted r2"
-        await asyncio.wait_for(_until(lambda: bool(first_closed)), 5)
-        await second.call("decode", "r3", 5)  # outputs go to the newer connection
-        assert (await asyncio.wait_for(batches.get(), 5))[0].new_token_ids == [5]
-        second.close()
-        server.close()
-
-    asyncio.run(main())
+@_sync
+async def test_a_newer_router_connection_replaces_the_older_one() -> None:
+    worker = Worker()
+    server, address, first, _, first_closed = await _pair(worker)
+    await first.call("abort", "r1")
+    batches: asyncio.Queue[list] = asyncio.Queue()
+    second = await ChannelClient.connect(address, batches.put_nowait, lambda error: None)
+    assert await second.call("abort", "r2") == "aborted r2"
+    await asyncio.wait_for(_until(lambda: bool(first_closed)), 5)
+    await second.call("decode", "r3", 5)  # outputs go to the newer connection
+    assert (await asyncio.wait_for(batches.get(), 5))[0].new_token_ids == [5]
+    second.close()
+    server.close()
 
 
 async def _until(predicate) -> None:

@@ -52,7 +52,8 @@ SHORT_MAX_TOKENS = 48
 class Load:
     """``num_clients`` threads sending greedy completions until stopped (or ``max_requests``
     each), each of a new prompt of ``num_words`` (so no prefix cache turns a remote prefill
-    into a local one); every answer is kept with its prompt."""
+    into a local one); every answer is kept with its prompt. Every client sends at least
+    one request, even when the load is stopped before its thread gets that far."""
 
     server: Server
     seed: int
@@ -68,7 +69,7 @@ class Load:
     def _client(self, index: int) -> None:
         client = self.server.client(timeout_s=120)
         for n in range(self.max_requests):
-            if self._stop.is_set():
+            if n and self._stop.is_set():
                 return
             prompt = words(self.seed + index + n * self.num_clients, self.num_words)
             try:
@@ -380,13 +381,9 @@ def test_past_the_drain_timeout_requests_migrate(local_ray: None, offline: Offli
         backend = server.backend
         old_pid = server.worker_infos["decode-1"].pid
         with Load(server, 50_000, SHORT_WORDS, 300, num_clients=4, max_requests=1) as load:
-            # All four in flight first: a client that has not sent its request when the load
-            # stops never sends it (requests reach workers within milliseconds now).
             deadline = time.monotonic() + 60
-            while backend.num_in_flight("decode-1") == 0 or (
-                backend.num_in_flight("decode-0") + backend.num_in_flight("decode-1") < 4
-            ):
-                assert time.monotonic() < deadline, "not all four requests are on decode workers"
+            while backend.num_in_flight("decode-1") == 0:
+                assert time.monotonic() < deadline, "no request reached decode-1"
                 time.sleep(0.02)
 
             async def retire() -> None:
