@@ -14,6 +14,7 @@ from engine.sampler import (
     apply_penalties,
     apply_top_k_top_p,
     build_sampling_metadata,
+    inverse_cdf,
     make_generator,
     token_counts,
 )
@@ -129,6 +130,29 @@ def test_truncation_functions_per_row():
     assert torch.equal(out[kept], logits[kept])
     kept = torch.isfinite(apply_min_p(logits, torch.tensor([0.0, 0.3, 0.7])))
     assert kept.sum(dim=1).tolist() == [5, 3, 2]
+
+
+def test_inverse_cdf_gives_each_token_its_share_of_evenly_spaced_draws():
+    """N evenly spaced uniforms land on token i about N * p_i times (within one), on a
+    4,096-token vocabulary with a long tail and a quarter of it masked."""
+    gen = torch.Generator().manual_seed(3)
+    probs = torch.rand(4096, generator=gen) ** 8
+    probs[torch.randperm(4096, generator=gen)[:1024]] = 0.0
+    probs /= probs.sum()
+    n = 100_000
+    uniform = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    drawn = inverse_cdf(probs.expand(n, -1), uniform)
+    counts = torch.bincount(drawn, minlength=4096)
+    assert (counts[probs == 0] == 0).all()
+    assert ((counts - n * probs.double()).abs() <= 1.0 + 1e-6).all()
+
+
+def test_inverse_cdf_never_returns_a_masked_token_at_the_edges():
+    probs = torch.tensor([[0.0, 0.3, 0.7, 0.0], [0.0, 0.3, 0.7, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    # 0 skips the masked first token; 1.0 (what u * total can round to) would land past the
+    # last token with mass and takes the most likely one instead.
+    uniform = torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)
+    assert inverse_cdf(probs, uniform).tolist() == [1, 2, 0]
 
 
 def test_temperature_sampling_follows_the_distribution():
