@@ -1,10 +1,15 @@
-"""The sampler's random draw on the CPU: the exponential race it used against the inverse CDF
-it uses now. One run, one process, one torch thread (as the serving workers run).
+"""The sampler on the CPU, before and after: the random draw (the exponential race it used
+against the inverse CDF it uses now) and top-k / top-p (a sort of every row against a look
+at each row's largest logits first). One run, one process, one torch thread (as the serving
+workers run).
 
-For each (rows, vocabulary) pair: the median time of drawing one token a row from softmaxed
-logits, by each method, and of a whole ``Sampler`` call at temperature 1 (the OpenAI API's
-default, what the serving benchmarks send). The methods run in turn, ``--rounds`` times, so
-the machine's drift hits them alike.
+Draws: for each (rows, vocabulary) pair, the median time of drawing one token a row from
+softmaxed random logits by each method, and of a whole ``Sampler`` call at temperature 1 (the
+OpenAI API's default, what the serving benchmarks send). Top-k / top-p: SmolLM2's own
+next-token logits at positions of real text (transformers on its float32 weights; a random
+logit row's nucleus is most of the vocabulary, a trained model's is not), through the full
+sort and through ``apply_top_k_top_p``. The methods run in turn, ``--rounds`` times, so the
+machine's drift hits them alike.
 
     .venv/bin/python -m benchmarks.sampler_cpu
 
@@ -24,7 +29,14 @@ import torch
 
 from benchmarks._servers import RESULTS_DIR, machine_info
 from engine.request import Request
-from engine.sampler import Sampler, _draw, build_sampling_metadata
+from engine.sampler import (
+    TOP_CANDIDATES,
+    Sampler,
+    _draw,
+    _top_k_top_p_sorted,
+    apply_top_k_top_p,
+    build_sampling_metadata,
+)
 from engine.sampling_params import SamplingParams
 
 
@@ -63,12 +75,66 @@ def measure(rows: int, vocab: int, calls: int, rounds: int) -> dict[str, float]:
     return {name: round(statistics.median(values), 3) for name, values in times.items()}
 
 
+def smollm2_logits(rows: int, context: int = 64) -> torch.Tensor:
+    """SmolLM2's next-token logits after ``rows`` windows of real text, [rows, 49152]."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks._servers import CORPUS_PATH, checkpoint_dir
+
+    path = checkpoint_dir("smollm2")
+    ids = AutoTokenizer.from_pretrained(path).encode(CORPUS_PATH.read_text())
+    stride = (len(ids) - context) // rows
+    windows = torch.tensor([ids[i * stride : i * stride + context] for i in range(rows)])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return model(windows).logits[:, -1, :].float()
+
+
+def measure_top_k_top_p(logits: torch.Tensor, calls: int, rounds: int) -> list[dict]:
+    rows, vocab = logits.shape
+    out = []
+    for label, top_k, top_p in [
+        ("top_p=0.95", None, 0.95),
+        ("top_k=50", 50, None),
+        ("top_k=50,top_p=0.9", 50, 0.9),
+    ]:
+        k = None if top_k is None else torch.full((rows,), top_k)
+        p = None if top_p is None else torch.full((rows,), top_p)
+        full_k = None if k is None else k.clamp(max=vocab)
+        cases = {
+            "full_sort_ms": lambda k=full_k, p=p: _top_k_top_p_sorted(logits, k, p),
+            "candidates_ms": lambda k=k, p=p: apply_top_k_top_p(logits, k, p),
+        }
+        kept = torch.isfinite(apply_top_k_top_p(logits, k, p)).sum(dim=-1)
+        assert torch.equal(
+            torch.isfinite(cases["full_sort_ms"]()), torch.isfinite(cases["candidates_ms"]())
+        ), "the two methods must keep the same tokens"
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(rounds):
+            for name, fn in cases.items():
+                times[name].append(_mean_ms(fn, calls))
+        row = {
+            "case": label,
+            "rows": rows,
+            "vocab": vocab,
+            "kept_max": int(kept.max()),
+            "rows_past_first_candidates": int((kept >= TOP_CANDIDATES[0]).sum()),
+            "kept_median": int(kept.median()),
+            **{n: round(statistics.median(v), 3) for n, v in times.items()},
+        }
+        row["speedup"] = round(row["full_sort_ms"] / row["candidates_ms"], 1)
+        out.append(row)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default="1,4,32")
     parser.add_argument("--vocabs", default="2048,49152", help="pdserve-tiny's, SmolLM2's")
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--top-rows", type=int, default=32, help="rows of SmolLM2 logits")
+    parser.add_argument("--skip-top", action="store_true", help="draws only (no SmolLM2)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "sampler_cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -87,6 +153,21 @@ def main() -> None:
                 f"{rows:5d} {vocab:6d} {row['exponential_race_ms']:9.3f} "
                 f"{row['inverse_cdf_ms']:10.3f} {row['speedup']:6.1f} "
                 f"{row['sampler_call_ms']:10.3f}"
+            )
+    top = []
+    if not args.skip_top:
+        logits = smollm2_logits(args.top_rows)
+        print(f"\ntop-k / top-p on SmolLM2's logits (candidates {TOP_CANDIDATES})")
+        print(
+            f"{'case':>20s} {'rows':>5s} {'kept p50':>8s} {'kept max':>8s} {'>256':>6s} "
+            f"{'sort ms':>8s} {'cand ms':>8s} {'x':>6s}"
+        )
+        for row in measure_top_k_top_p(logits, args.calls, args.rounds):
+            top.append(row)
+            print(
+                f"{row['case']:>20s} {row['rows']:5d} {row['kept_median']:8d} "
+                f"{row['kept_max']:8d} {row['rows_past_first_candidates']:6d} "
+                f"{row['full_sort_ms']:8.2f} {row['candidates_ms']:8.2f} {row['speedup']:6.1f}"
             )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from engine import sampler
 from engine.request import Request
 from engine.sampler import (
     Sampler,
@@ -153,6 +154,47 @@ def test_inverse_cdf_never_returns_a_masked_token_at_the_edges():
     # last token with mass and takes the most likely one instead.
     uniform = torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)
     assert inverse_cdf(probs, uniform).tolist() == [1, 2, 0]
+
+
+# Top-p 0.9 keeps ~5 of a peaked row's 8,192 tokens (decided on 256 candidates), ~2,000 of
+# a broader one's (on 4,096) and ~7,000 of a flat one's (on the sorted row).
+@pytest.mark.parametrize(
+    ("scale", "widths", "sorts"),
+    [(8.0, [256], False), (2.0, [256, 4096], False), (0.3, [256, 4096], True)],
+)
+@pytest.mark.parametrize("seed", range(2))
+def test_top_k_top_p_on_candidates_keeps_what_the_full_sort_keeps(
+    scale, widths, sorts, seed, monkeypatch
+):
+    gen = torch.Generator().manual_seed(seed)
+    vocab, rows = 8192, 32
+    logits = scale * torch.randn(rows, vocab, generator=gen)
+    top_k = torch.tensor([0, 1, 5, 50, 200, 1000])[torch.randint(0, 6, (rows,), generator=gen)]
+    top_p = torch.tensor([1.0, 0.5, 0.9, 0.99, 0.999, 0.3])[
+        torch.randint(0, 6, (rows,), generator=gen)
+    ]
+    full_sort, cut = sampler._top_k_top_p_sorted, sampler._top_k_top_p_cut
+    for k, p in [(top_k, top_p), (top_k, None), (None, top_p)]:
+        expected = torch.isfinite(full_sort(logits, _effective_k(k, vocab), p))
+        assert torch.equal(torch.isfinite(apply_top_k_top_p(logits, k, p)), expected)
+
+    seen_widths, sorted_rows = [], []
+    monkeypatch.setattr(sampler, "_top_k_top_p_cut", lambda *a: seen_widths.append(a[3]) or cut(*a))
+    monkeypatch.setattr(
+        sampler, "_top_k_top_p_sorted", lambda *a: sorted_rows.append(len(a[0])) or full_sort(*a)
+    )
+    p = torch.full((rows,), 0.9)
+    kept = torch.isfinite(apply_top_k_top_p(logits, None, p))
+    assert torch.equal(kept, torch.isfinite(full_sort(logits, None, p)))
+    assert seen_widths == widths
+    assert bool(sorted_rows) == sorts
+    # Rows with no limit keep everything beside rows that have one.
+    free = apply_top_k_top_p(logits[:2], torch.tensor([0, 3]), torch.tensor([1.0, 1.0]))
+    assert torch.isfinite(free[0]).all() and torch.isfinite(free[1]).sum() == 3
+
+
+def _effective_k(top_k, vocab):
+    return None if top_k is None else torch.where(top_k <= 0, vocab, top_k)
 
 
 def test_temperature_sampling_follows_the_distribution():
