@@ -127,6 +127,37 @@ def measure_top_k_top_p(logits: torch.Tensor, calls: int, rounds: int) -> list[d
     return out
 
 
+def measure_engine_step(rows: int, steps: int, rounds: int) -> dict:
+    """A whole decode step of SmolLM2 (``rows`` sequences of 128 random ids, sampling
+    at temperature 1), the engine's draw swapped between the two methods round by round."""
+    import random
+
+    from benchmarks._servers import model_path
+    from engine import sampler
+    from engine.llm import LLM
+
+    engine = LLM(model_path("smollm2"), device="cpu", dtype="float32").engine
+    rng = random.Random(0)
+    params = SamplingParams(max_tokens=100_000, ignore_eos=True, temperature=1.0)
+    for i in range(rows):
+        engine.add_request(f"r{i}", [rng.randrange(100, 2000) for _ in range(128)], params)
+    while engine.scheduler.get_request(f"r{rows - 1}").num_output_tokens < 2:
+        engine.step()  # every row prefilled and decoding
+    draws = {
+        "exponential_race_ms": lambda probs, _generators: exponential_race(probs),
+        "inverse_cdf_ms": _draw,
+    }
+    times: dict[str, list[float]] = {name: [] for name in draws}
+    try:
+        for _ in range(rounds):
+            for name, draw in draws.items():
+                sampler._draw = draw
+                times[name].append(_mean_ms(engine.step, steps))
+    finally:
+        sampler._draw = _draw
+    return {"rows": rows, **{n: round(statistics.median(v), 1) for n, v in times.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default="1,4,32")
@@ -135,6 +166,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--top-rows", type=int, default=32, help="rows of SmolLM2 logits")
     parser.add_argument("--skip-top", action="store_true", help="draws only (no SmolLM2)")
+    parser.add_argument(
+        "--step-rows", default="16,32", help="SmolLM2 engine steps by draw; '' skips them"
+    )
+    parser.add_argument("--steps", type=int, default=3, help="engine steps per round")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "sampler_cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -169,6 +204,14 @@ def main() -> None:
                 f"{row['kept_max']:8d} {row['rows_past_first_candidates']:6d} "
                 f"{row['full_sort_ms']:8.2f} {row['candidates_ms']:8.2f} {row['speedup']:6.1f}"
             )
+    step = []
+    for rows in (int(r) for r in args.step_rows.split(",") if r):
+        step.append(measure_engine_step(rows, args.steps, args.rounds))
+        print(
+            f"SmolLM2 engine step, {rows} rows at temperature 1: race "
+            f"{step[-1]['exponential_race_ms']:.1f} ms, inverse CDF "
+            f"{step[-1]['inverse_cdf_ms']:.1f} ms"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
@@ -176,6 +219,8 @@ def main() -> None:
                 "machine": machine_info(),
                 "config": {**vars(args), "out": str(args.out)},
                 "results": results,
+                "top_k_top_p": top,
+                "engine_step": step,
             },
             indent=2,
         )

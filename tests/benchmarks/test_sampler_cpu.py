@@ -12,7 +12,20 @@ from benchmarks import sampler_cpu
 
 def test_writes_a_row_per_shape(tmp_path, monkeypatch):
     out = tmp_path / "sampler.json"
-    argv = ["sampler_cpu", "--rows", "1,3", "--vocabs", "64", "--calls", "1", "--rounds", "1", "--skip-top"]
+    argv = [
+        "sampler_cpu",
+        "--rows",
+        "1,3",
+        "--vocabs",
+        "64",
+        "--calls",
+        "1",
+        "--rounds",
+        "1",
+        "--skip-top",
+        "--step-rows",
+        "",
+    ]
     monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
     threads = torch.get_num_threads()
     try:
