@@ -5,11 +5,18 @@ workers run).
 
 Draws: for each (rows, vocabulary) pair, the median time of drawing one token a row from
 softmaxed random logits by each method, and of a whole ``Sampler`` call at temperature 1 (the
-OpenAI API's default, what the serving benchmarks send). Top-k / top-p: SmolLM2's own
-next-token logits at positions of real text (transformers on its float32 weights; a random
-logit row's nucleus is most of the vocabulary, a trained model's is not), through the full
-sort and through ``apply_top_k_top_p``. The methods run in turn, ``--rounds`` times, so the
-machine's drift hits them alike.
+OpenAI API's default, what the serving benchmarks send). That last figure is pessimistic at
+large shapes: here each call's ~24 MB of temporaries (32 x 49,152) come fresh from the OS
+(~6,000 page faults a call, by ``ru_minflt``), where an engine step, whose heap the prefill
+has grown, takes none; the engine-step rows below are the figure to quote.
+
+Top-k / top-p: SmolLM2's own next-token logits at positions of real text (transformers on
+its float32 weights; a random logit row's nucleus is most of the vocabulary, a trained
+model's is not), through the full sort and through ``apply_top_k_top_p``.
+
+Engine steps: a SmolLM2 decode step at temperature 1, the engine's draw swapped between the
+two methods round by round. Every comparison runs its methods in turn, ``--rounds`` times,
+so the machine's drift hits them alike.
 
     .venv/bin/python -m benchmarks.sampler_cpu
 
