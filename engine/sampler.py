@@ -180,7 +180,7 @@ def apply_penalties(
 # whole row: a trained model's nucleus is mostly within the first (SmolLM2, top-p 0.95 at
 # temperature 1 on real text: a median of ~100 tokens, a few rows of thousands), and a top-k
 # of 256 over its 49,152 logits costs 6.5 ms at 32 rows, of 4,096 24 ms, a sort 137 ms (one
-# CPU core; ``benchmarks/sampler_cpu.py``).
+# CPU core, each op timed alone; the whole function: ``benchmarks/sampler_cpu.py``).
 TOP_CANDIDATES = (256, 4096)
 
 
@@ -247,9 +247,12 @@ def _top_k_top_p_cut(
         # Probabilities renormalized over what top-k kept (the whole row where it is off), in
         # float64 as in the sorted path: the two can differ only within ~1e-16 of a boundary.
         kept = values.double().masked_fill(~keep, float("-inf"))
-        log_total = logits.double().logsumexp(dim=-1, keepdim=True)
-        if k is not None:
-            log_total = torch.where(top_k_on, kept.logsumexp(dim=-1, keepdim=True), log_total)
+        if k is not None and bool(top_k_on.all()):
+            log_total = kept.logsumexp(dim=-1, keepdim=True)  # no row needs the whole row's
+        else:
+            log_total = logits.double().logsumexp(dim=-1, keepdim=True)
+            if k is not None:
+                log_total = torch.where(top_k_on, kept.logsumexp(dim=-1, keepdim=True), log_total)
         probs = (kept - log_total).exp()
         before = probs.cumsum(dim=-1) - probs  # the mass of the more likely candidates
         keep &= (before < top_p.double().unsqueeze(1)) | (top_p >= 1.0).unsqueeze(1)
@@ -309,9 +312,9 @@ def inverse_cdf(
 ) -> torch.Tensor:  # [num_seqs] int64
     """The first token whose running total of probability exceeds ``uniform * total``: token
     i with probability p_i, and never a token of probability 0 (its running total equals its
-    predecessor's). One number and one cumulative sum a row, where an exponential per
-    vocabulary entry (the "exponential race") cost 53 ms a step at 32 rows of SmolLM2's
-    49,152 tokens on one CPU core (``benchmarks/sampler_cpu.py``). The sum is in float64, so
+    predecessor's). One number and one cumulative sum a row: 2.5 ms at 32 rows of SmolLM2's
+    49,152 tokens on one CPU core, where an exponential per vocabulary entry (the
+    "exponential race") took 38 ms (``benchmarks/sampler_cpu.py``). The sum is in float64, so
     rounding shifts no token's share by more than ~1e-16."""
     cumulative = probs.to(torch.float64).cumsum_(dim=-1)
     targets = uniform.unsqueeze(1) * cumulative[:, -1:]
