@@ -146,8 +146,10 @@ def start_pdserve(
     num_decode: int = 1,
     extra_args: tuple[str, ...] = (),
     num_threads: int = 1,
+    extra_env: dict[str, str] | None = None,
 ) -> ServerProcess:
-    """``pdserve serve`` on 127.0.0.1:``port`` (1P1D over gRPC by default), CPU, float32."""
+    """``pdserve serve`` on 127.0.0.1:``port`` (1P1D over gRPC by default), CPU, float32;
+    ``extra_env`` on top of ``server_env`` (e.g. ``PYTHONPATH`` of another checkout)."""
     command = [
         str(Path(sys.executable).parent / "pdserve"),
         "serve",
@@ -172,7 +174,7 @@ def start_pdserve(
         if colocated
         else f"pdserve {num_prefill}P{num_decode}D"
     )
-    return _launch(name, command, port, log_path, server_env(num_threads))
+    return _launch(name, command, port, log_path, server_env(num_threads, **(extra_env or {})))
 
 
 def start_vllm(

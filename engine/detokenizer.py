@@ -118,6 +118,8 @@ class StopStringMatcher:
         result does not depend on how the text was chunked); of those ending at the same
         character, the longest. With ``final`` (the stream ended) nothing is held back.
         """
+        if not self.stops:
+            return StopMatch(text, None)
         pending = self._pending + text
         hits = []
         for stop in self.stops:

@@ -15,9 +15,9 @@ Draining (``drain``, on SIGTERM through ``pdserve serve``): new generation reque
 and ``/health`` reports ``draining`` (503), so load balancers stop sending; requests in
 flight run to their end, up to a grace period.
 
-A client that disconnects is noticed while streaming (Starlette cancels the stream) and
-while a non-streamed request waits (``_cancel_on_disconnect``); either way the backend
-requests are aborted (see ``router.generation``).
+A client that disconnects is noticed while streaming (``EventStreamResponse`` cancels the
+stream) and while a non-streamed request waits (``_cancel_on_disconnect``); either way the
+backend requests are aborted (see ``router.generation``).
 """
 
 from __future__ import annotations
@@ -190,6 +190,44 @@ class _Admission:
         return True
 
 
+class EventStreamResponse(StreamingResponse):
+    """A ``text/event-stream`` response that runs its stream in the request's own task and
+    cancels that task when the client disconnects.
+
+    Starlette's ``StreamingResponse`` does the same with an anyio task group of two tasks
+    per response (uvicorn speaks ASGI 2.3), ~0.2 ms of CPU a request; one plain asyncio
+    task watching ``receive`` costs ~0.02 ms. A disconnect ends the response quietly, as
+    Starlette's does: the cancellation unwinds the stream (its ``finally`` blocks abort the
+    backend requests) and is absorbed here, never left counted on the task.
+    """
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        disconnected = False
+
+        async def watch() -> None:
+            nonlocal disconnected
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            disconnected = True
+            task.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await self.stream_response(send)
+        except asyncio.CancelledError:
+            if not disconnected:
+                raise
+            task.uncancel()
+        except OSError:
+            raise ClientDisconnect() from None
+        finally:
+            watcher.cancel()
+
+
 async def _cancel_on_disconnect(raw: Request, work: Awaitable[T]) -> T | None:
     """Await ``work``, cancelling it if the client disconnects first (then returns None)."""
     work_task = asyncio.ensure_future(work)
@@ -283,7 +321,7 @@ def build_app(
             raise
         if request.stream:
             chunks = serving.stream(request, model, requests)
-            return StreamingResponse(_sse(chunks, endpoint), media_type="text/event-stream")
+            return EventStreamResponse(_sse(chunks, endpoint))
         status = CLIENT_CLOSED_REQUEST  # unless an answer is made
         try:
             response = await _cancel_on_disconnect(raw, serving.respond(request, model, requests))

@@ -43,6 +43,6 @@ def encode_completion_prompts(
     encoded = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     if any(not ids for ids in encoded):
         raise APIError("prompt must contain at least one token", param="prompt")
-    if any(t < 0 for ids in encoded for t in ids):
+    if any(min(ids) < 0 for ids in encoded):
         raise APIError("token ids in prompt must not be negative", param="prompt")
     return encoded

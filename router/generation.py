@@ -41,7 +41,7 @@ class RequestTimeoutError(BackendError):
     """The request ran past the router's ``request_timeout_s``."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SequenceUpdate:
     """New output of one sequence. ``finish_reason`` ("stop" or "length") on its last one."""
 
@@ -186,8 +186,12 @@ async def stream_sequences(
         for i, request in enumerate(requests)
     ]
     updates = sources[0] if len(sources) == 1 else _merged(sources)
-    deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
     async with contextlib.aclosing(updates):  # type: ignore[type-var]
+        if timeout_s is None:  # no timeout scope per update (~5 us each)
+            async for update in updates:
+                yield update
+            return
+        deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
             try:
                 async with asyncio.timeout_at(deadline):  # around the wait, not the yield

@@ -342,9 +342,10 @@ class ClusterBackend:
                 num_cached_tokens=result.num_cached_tokens,
             )
             stream = decode.decode(worker_request_id, result.first_token_id)
+            cached = result.num_cached_tokens
             async for delta in _until_failed(stream, transfer):
                 # Cached tokens are the prefill worker's: the prompt tokens it did not compute.
-                yield dataclasses.replace(delta, num_cached_tokens=result.num_cached_tokens)
+                yield delta if delta.num_cached_tokens == cached else delta.with_cached(cached)
         finally:
             transfer.cancel()
 

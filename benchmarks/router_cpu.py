@@ -1,0 +1,226 @@
+"""The router's CPU: per generated token, per request, and idle; optionally this tree
+against another checkout of pdserve, server by server in turn.
+
+Starts ``pdserve serve`` with pdserve-tiny (1P1D and ``--colocated``) on 127.0.0.1, and
+measures the CPU time (user + system, ``/proc/<pid>/stat``) of the router process alone
+(the server's front process: HTTP, detokenization, routing, the worker channels; not its
+workers) while it
+
+- sits idle for ``--idle-s`` seconds (stats polling, health checks, Ray's driver threads);
+- serves a burst of ``--num-prompts`` requests of 128 prompt tokens and 64 output tokens
+  (the router's CPU per generated token, as in ``compare_vllm.py``), then the same number
+  of requests with one output token (what a request costs apart from its tokens);
+- serves a Poisson-paced run (8 requests a second).
+
+With ``--compare-with DIR`` (a checkout of another pdserve revision, e.g. a ``git worktree``
+of main), the servers of the two trees alternate, ``--rounds`` times each, so both meet
+the same machine load; the table gives each tree's median and the ratio. A server of
+the other tree runs with ``PYTHONPATH=DIR``, this venv's packages.
+
+    .venv/bin/python -m benchmarks.router_cpu
+    git worktree add --detach /tmp/base main
+    .venv/bin/python -m benchmarks.router_cpu --compare-with /tmp/base --rounds 3
+
+Writes ``benchmarks/results/router_cpu.json`` (every round's figures).
+
+On this 2-core machine the load generator, the engine and the router share the cores, so
+one server's figures move by up to ~30% from run to run: compare medians of several
+rounds, never two single runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from benchmarks._servers import (
+    LOG_DIR,
+    RESULTS_DIR,
+    fmt,
+    format_table,
+    free_port,
+    machine_info,
+    process_cpu_seconds,
+    start_pdserve,
+    stop_server,
+    wait_ready,
+)
+from benchmarks.serving.config import BenchConfig
+from benchmarks.serving.loadgen import run_benchmark
+from benchmarks.serving.workloads import WorkloadConfig
+
+logger = logging.getLogger(__name__)
+
+TINY_VOCAB = 2048  # pdserve-tiny's tokenizer
+INPUT_LEN = 128
+OUTPUT_LEN = 64
+PACED_RATE = 8.0
+NO_CONTENT = "stream carried no content"
+FIGURES = (
+    "idle_ms_per_s",
+    "burst_ms_per_token",
+    "burst_events_per_token",
+    "request_ms",
+    "paced_ms_per_token",
+    "paced_events_per_token",
+)
+
+
+def _workload(num_prompts: int, output_len: int, seed: int) -> WorkloadConfig:
+    return WorkloadConfig(
+        num_prompts=num_prompts,
+        input_len=INPUT_LEN,
+        output_len=output_len,
+        vocab_size=TINY_VOCAB,
+        seed=seed,
+    )
+
+
+def _router_cpu(pid: int, bench: BenchConfig) -> tuple[float, int, float]:
+    """Router CPU seconds during ``bench``, the output tokens it generated, and the SSE
+    events per token: below 1 when the router fell behind the engine and sent several
+    steps' tokens of a request as one event (cheaper per token: why a saturated router's
+    CPU per token moves from run to run)."""
+    before = process_cpu_seconds(pid)
+    result = run_benchmark(bench)
+    seconds = process_cpu_seconds(pid) - before
+    # A random-prompt request whose tokens never complete a UTF-8 character streams no text
+    # (likely at one output token); the load generator counts it failed, the router served it.
+    errors = [r.error for r in result.records if r.error and r.error != NO_CONTENT]
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed; the first: {errors[0]}")
+    tokens = result.metrics.total_output_tokens
+    events = sum(len(r.chunk_times) for r in result.records)
+    return seconds, tokens, events / tokens
+
+
+def measure(mode: str, tree: str, pythonpath: str | None, args: argparse.Namespace, seed: int):
+    """One server of ``tree`` in ``mode``: its four figures."""
+    extra = {"PYTHONPATH": pythonpath} if pythonpath else {}
+    log = LOG_DIR / f"router_cpu_{mode}_{tree}.log"
+    server = start_pdserve(free_port(), log, colocated=mode == "colocated", extra_env=extra)
+    try:
+        wait_ready(server)
+        base = BenchConfig(base_url=server.base_url, progress=False)
+        run_benchmark(replace(base, workload=_workload(8, 4, seed=10_000 + seed)))  # warm-up
+        time.sleep(1.0)
+        before = process_cpu_seconds(server.pid)
+        time.sleep(args.idle_s)
+        idle = (process_cpu_seconds(server.pid) - before) / args.idle_s
+        # Fresh prompts for every run (no prefix-cache hits between runs).
+        n = args.num_prompts
+        burst_s, burst_tokens, burst_events = _router_cpu(
+            server.pid, replace(base, workload=_workload(n, OUTPUT_LEN, seed=seed))
+        )
+        one_s, _, _ = _router_cpu(
+            server.pid, replace(base, workload=_workload(n, 1, seed=seed + 1))
+        )
+        paced_s, paced_tokens, paced_events = _router_cpu(
+            server.pid,
+            replace(
+                base,
+                workload=_workload(args.paced_prompts, OUTPUT_LEN, seed=seed + 2),
+                request_rate=PACED_RATE,
+            ),
+        )
+    finally:
+        stop_server(server)
+    return {
+        "idle_ms_per_s": idle * 1e3,
+        "burst_ms_per_token": burst_s / burst_tokens * 1e3,
+        "request_ms": one_s / n * 1e3,
+        "paced_ms_per_token": paced_s / paced_tokens * 1e3,
+        "burst_events_per_token": burst_events,
+        "paced_events_per_token": paced_events,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modes", default="1p1d,colocated")
+    parser.add_argument("--compare-with", type=Path, default=None, metavar="DIR")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--paced-prompts", type=int, default=32)
+    parser.add_argument("--idle-s", type=float, default=10.0)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "router_cpu.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or set(modes) - {"1p1d", "colocated"}:
+        parser.error("--modes takes 1p1d and/or colocated")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    trees: dict[str, str | None] = {"this": None}
+    if args.compare_with is not None:
+        if not (args.compare_with / "router" / "api.py").is_file():
+            parser.error(f"{args.compare_with} is not a pdserve checkout")
+        trees["other"] = str(args.compare_with.resolve())
+
+    runs: list[dict] = []
+    for round_index in range(args.rounds):
+        for mode in modes:
+            order = list(trees.items())
+            if round_index % 2:  # alternate which tree goes first
+                order.reverse()
+            for tree, pythonpath in order:
+                seed = 1000 * round_index
+                figures = measure(mode, tree, pythonpath, args, seed)
+                runs.append({"round": round_index, "mode": mode, "tree": tree, **figures})
+                logger.info("%s %s round %d: %s", mode, tree, round_index, figures)
+
+    def median(mode: str, tree: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs if r["mode"] == mode and r["tree"] == tree)
+
+    header = ["mode", "figure", *trees]
+    if len(trees) == 2:
+        header.append("this / other")
+    rows = []
+    summary: dict[str, dict] = {}
+    for mode in modes:
+        for key in FIGURES:
+            values = {tree: median(mode, tree, key) for tree in trees}
+            summary.setdefault(mode, {})[key] = values
+            row = [mode, key, *(fmt(v, 3) for v in values.values())]
+            if len(trees) == 2:
+                other = values["other"]
+                row.append(fmt(values["this"] / other, 2) if other > 0 else "n/a")
+            rows.append(row)
+    print(format_table(header, rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "command": "python -m benchmarks.router_cpu "
+                + " ".join(sys.argv[1:] if argv is None else argv),
+                "machine": machine_info(),
+                "trees": trees,
+                "rounds": args.rounds,
+                "workload": {
+                    "model": "pdserve-tiny",
+                    "input_len": INPUT_LEN,
+                    "output_len": OUTPUT_LEN,
+                    "num_prompts": args.num_prompts,
+                    "paced_prompts": args.paced_prompts,
+                    "paced_rate": PACED_RATE,
+                    "idle_s": args.idle_s,
+                },
+                "medians": summary,
+                "runs": runs,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
