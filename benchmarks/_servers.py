@@ -522,6 +522,7 @@ class ServerRun:
     results: list[BenchResult] = field(default_factory=list)
     server_cpu_s: list[float] = field(default_factory=list)
     router_cpu_s: list[float] = field(default_factory=list)  # the front process alone
+    router_idle_cpu_s: float | None = None  # over ``idle_s`` after the warm-ups, if asked
     load_avg: list[tuple[float, float, float]] = field(default_factory=list)
     leftover_pids_killed: list[int] = field(default_factory=list)
     error: str = ""
@@ -532,9 +533,11 @@ def run_on_server(
     benches: list[BenchConfig],
     warmups: tuple[BenchConfig, ...] = (),
     ready_timeout_s: float = 300.0,
+    idle_s: float = 0.0,
 ) -> ServerRun:
-    """Wait for ``server``, run ``warmups`` (not recorded) then ``benches`` against it, and
-    stop it whatever happens. A failure is recorded in ``ServerRun.error``, not raised."""
+    """Wait for ``server``, run ``warmups`` (not recorded), let it sit idle for ``idle_s``
+    (its router's CPU meanwhile: ``router_idle_cpu_s``), then run ``benches`` against it,
+    and stop it whatever happens. A failure is recorded in ``ServerRun.error``, not raised."""
     from benchmarks.serving.loadgen import run_benchmark
 
     run = ServerRun(server.name, server.command)
@@ -542,6 +545,10 @@ def run_on_server(
         run.startup_s = wait_ready(server, ready_timeout_s)
         for warmup in warmups:
             run_benchmark(dataclasses.replace(warmup, base_url=server.base_url, progress=False))
+        if idle_s > 0:
+            router_before = process_cpu_seconds(server.pid)
+            time.sleep(idle_s)
+            run.router_idle_cpu_s = process_cpu_seconds(server.pid) - router_before
         for bench in benches:
             cpu_before = tree_cpu_seconds(server.pid)
             router_before = process_cpu_seconds(server.pid)

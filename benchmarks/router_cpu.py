@@ -35,24 +35,21 @@ import json
 import logging
 import statistics
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 from benchmarks._servers import (
     LOG_DIR,
     RESULTS_DIR,
+    ServerRun,
     fmt,
     format_table,
     free_port,
     machine_info,
-    process_cpu_seconds,
+    run_on_server,
     start_pdserve,
-    stop_server,
-    wait_ready,
 )
 from benchmarks.serving.config import BenchConfig
-from benchmarks.serving.loadgen import run_benchmark
 from benchmarks.serving.workloads import WorkloadConfig
 
 logger = logging.getLogger(__name__)
@@ -82,61 +79,52 @@ def _workload(num_prompts: int, output_len: int, seed: int) -> WorkloadConfig:
     )
 
 
-def _router_cpu(pid: int, bench: BenchConfig) -> tuple[float, int, float]:
-    """Router CPU seconds during ``bench``, the output tokens it generated, and the SSE
-    events per token: below 1 when the router fell behind the engine and sent several
-    steps' tokens of a request as one event (cheaper per token: why a saturated router's
-    CPU per token moves from run to run)."""
-    before = process_cpu_seconds(pid)
-    result = run_benchmark(bench)
-    seconds = process_cpu_seconds(pid) - before
-    # A random-prompt request whose tokens never complete a UTF-8 character streams no text
-    # (likely at one output token); the load generator counts it failed, the router served it.
-    errors = [r.error for r in result.records if r.error and r.error != NO_CONTENT]
-    if errors:
-        raise RuntimeError(f"{len(errors)} requests failed; the first: {errors[0]}")
+def _per_token(run: ServerRun, index: int) -> tuple[float, float]:
+    """Router CPU ms per output token of ``run``'s bench ``index``, and its SSE events per
+    token (a few tokens complete no character and send none: ~0.94 here; lower would mean
+    the router fell behind and merged several steps of a request into one event)."""
+    result = run.results[index]
     tokens = result.metrics.total_output_tokens
     events = sum(len(r.chunk_times) for r in result.records)
-    return seconds, tokens, events / tokens
+    return run.router_cpu_s[index] / tokens * 1e3, events / tokens
 
 
-def measure(mode: str, tree: str, pythonpath: str | None, args: argparse.Namespace, seed: int):
-    """One server of ``tree`` in ``mode``: its four figures."""
+def measure(mode: str, pythonpath: str | None, args: argparse.Namespace, seed: int) -> dict:
+    """One server of the tree at ``pythonpath`` (None: this one) in ``mode``: its figures."""
     extra = {"PYTHONPATH": pythonpath} if pythonpath else {}
-    log = LOG_DIR / f"router_cpu_{mode}_{tree}.log"
+    log = LOG_DIR / f"router_cpu_{mode}_{'other' if pythonpath else 'this'}.log"
     server = start_pdserve(free_port(), log, colocated=mode == "colocated", extra_env=extra)
-    try:
-        wait_ready(server)
-        base = BenchConfig(base_url=server.base_url, progress=False)
-        run_benchmark(replace(base, workload=_workload(8, 4, seed=10_000 + seed)))  # warm-up
-        time.sleep(1.0)
-        before = process_cpu_seconds(server.pid)
-        time.sleep(args.idle_s)
-        idle = (process_cpu_seconds(server.pid) - before) / args.idle_s
-        # Fresh prompts for every run (no prefix-cache hits between runs).
-        n = args.num_prompts
-        burst_s, burst_tokens, burst_events = _router_cpu(
-            server.pid, replace(base, workload=_workload(n, OUTPUT_LEN, seed=seed))
-        )
-        one_s, _, _ = _router_cpu(
-            server.pid, replace(base, workload=_workload(n, 1, seed=seed + 1))
-        )
-        paced_s, paced_tokens, paced_events = _router_cpu(
-            server.pid,
-            replace(
-                base,
-                workload=_workload(args.paced_prompts, OUTPUT_LEN, seed=seed + 2),
-                request_rate=PACED_RATE,
-            ),
-        )
-    finally:
-        stop_server(server)
+    base = BenchConfig(progress=False)
+    n = args.num_prompts
+    benches = [  # fresh prompts for every run: no prefix-cache hits between them
+        replace(base, workload=_workload(n, OUTPUT_LEN, seed=seed)),
+        replace(base, workload=_workload(n, 1, seed=seed + 1)),
+        replace(
+            base,
+            workload=_workload(args.paced_prompts, OUTPUT_LEN, seed=seed + 2),
+            request_rate=PACED_RATE,
+        ),
+    ]
+    warmup = replace(base, workload=_workload(8, 4, seed=10_000 + seed))
+    run = run_on_server(server, benches, (warmup,), idle_s=args.idle_s)
+    if run.error:
+        raise RuntimeError(f"{server.name}: {run.error}")
+    # A random-prompt request whose tokens never complete a UTF-8 character streams no text
+    # (likely at one output token); the load generator counts it failed, the router served it.
+    errors = [
+        r.error for res in run.results for r in res.records if r.error not in ("", NO_CONTENT)
+    ]
+    if errors:
+        raise RuntimeError(f"{server.name}: {len(errors)} requests failed; the first: {errors[0]}")
+    assert run.router_idle_cpu_s is not None
+    burst_ms, burst_events = _per_token(run, 0)
+    paced_ms, paced_events = _per_token(run, 2)
     return {
-        "idle_ms_per_s": idle * 1e3,
-        "burst_ms_per_token": burst_s / burst_tokens * 1e3,
-        "request_ms": one_s / n * 1e3,
-        "paced_ms_per_token": paced_s / paced_tokens * 1e3,
+        "idle_ms_per_s": run.router_idle_cpu_s / args.idle_s * 1e3,
+        "burst_ms_per_token": burst_ms,
         "burst_events_per_token": burst_events,
+        "request_ms": run.router_cpu_s[1] / n * 1e3,
+        "paced_ms_per_token": paced_ms,
         "paced_events_per_token": paced_events,
     }
 
@@ -172,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                 order.reverse()
             for tree, pythonpath in order:
                 seed = 1000 * round_index
-                figures = measure(mode, tree, pythonpath, args, seed)
+                figures = measure(mode, pythonpath, args, seed)
                 runs.append({"round": round_index, "mode": mode, "tree": tree, **figures})
                 logger.info("%s %s round %d: %s", mode, tree, round_index, figures)
 

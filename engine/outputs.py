@@ -24,20 +24,6 @@ class RequestDelta:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def with_cached(self, num_cached_tokens: int) -> RequestDelta:
-        """This delta with another ``num_cached_tokens`` (a router's 1P1D streams report
-        the prefill worker's; built directly: ``dataclasses.replace`` costs ~4x more, once
-        per token)."""
-        return RequestDelta(
-            self.request_id,
-            self.new_token_ids,
-            self.new_logprobs,
-            self.finish_reason,
-            self.num_prompt_tokens,
-            num_cached_tokens,
-            self.stop_token_id,
-        )
-
     def merge(self, later: RequestDelta) -> RequestDelta:
         """This delta followed by ``later`` of the same request, as one delta."""
         logprobs = None
