@@ -1,13 +1,16 @@
-"""One decode step of the engine on the CPU, by projection path. One run, one process.
+"""One decode step of the engine on the CPU, by projection path and layer ops. One process.
 
 For each model and decode batch size: the median time of an engine step that decodes
 ``batch`` sequences (128-token prompts, already prefilled), with the projections through
 ``F.linear`` (``--linear-backend torch``), through oneDNN's prepacked GEMM for every row
-count (what ``onednn`` did before single rows took the plain weight), and as ``onednn`` does
-now (a single row through ``F.linear``). The three engines run in turn, ``--rounds`` times
-each, so the machine's drift hits them alike. One torch thread, as the serving workers run.
+count (what ``onednn`` did before single rows took the plain weight), as ``onednn`` does
+now (a single row through ``F.linear``), and as ``onednn`` with the norms, residual adds and
+rotary embedding as torch ops instead of the C++ layer ops (``torch-layer-ops``). The
+engines run in turn, ``--rounds`` times each, so the machine's drift hits them alike. One
+torch thread, as the serving workers run.
 
     .venv/bin/python -m benchmarks.decode_step_cpu --models tiny,dummy-100m,smollm2
+    .venv/bin/python -m benchmarks.decode_step_cpu --variants onednn,torch-layer-ops
 
 Writes ``benchmarks/results/decode_step_cpu.json``.
 """
@@ -24,20 +27,23 @@ from pathlib import Path
 import torch
 
 from benchmarks._servers import MODEL_NAMES, RESULTS_DIR, machine_info, model_path
+from engine.kernels import cpu_layer_ops
 from engine.llm import LLM
 from engine.models.layers import PackedLinear
 from engine.sampling_params import SamplingParams
 
-# name -> (linear_backend, PackedLinear.single_row_plain)
+# name -> (linear_backend, PackedLinear.single_row_plain, C++ layer ops)
 VARIANTS = {
-    "torch": ("torch", True),
-    "onednn-every-row": ("onednn", False),
-    "onednn": ("onednn", True),
+    "torch": ("torch", True, True),
+    "onednn-every-row": ("onednn", False, True),
+    "onednn": ("onednn", True, True),
+    "torch-layer-ops": ("onednn", True, False),
 }
 
 
-def _engine(model: str, linear_backend: str, batch: int, vocab_limit: int):
+def _engine(model: str, linear_backend: str, layer_ops: bool, batch: int, vocab_limit: int):
     engine = LLM(model, device="cpu", dtype="float32", linear_backend=linear_backend).engine
+    engine.runner.model.use_cpu_layer_ops(layer_ops and cpu_layer_ops.available())
     rng = random.Random(0)
     for i in range(batch):
         prompt = [rng.randrange(100, vocab_limit) for _ in range(128)]
@@ -48,11 +54,14 @@ def _engine(model: str, linear_backend: str, batch: int, vocab_limit: int):
     return engine
 
 
-def measure(model: str, batch: int, steps: int, rounds: int) -> dict[str, float]:
+def measure(
+    model: str, batch: int, steps: int, rounds: int, variants: list[str]
+) -> dict[str, float]:
     engines = {}
-    for name, (backend, _) in VARIANTS.items():
-        engines[name] = _engine(model, backend, batch, vocab_limit=2000)
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for name in variants:
+        backend, _, layer_ops = VARIANTS[name]
+        engines[name] = _engine(model, backend, layer_ops, batch, vocab_limit=2000)
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, engine in engines.items():
             PackedLinear.single_row_plain = VARIANTS[name][1]
@@ -70,17 +79,22 @@ def main() -> None:
     parser.add_argument("--batches", default="1,4,16")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {list(VARIANTS)}")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "decode_step_cpu.json")
     args = parser.parse_args()
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown --variants {unknown}; known: {list(VARIANTS)}")
     torch.set_num_threads(1)
 
     rows = []
-    print(f"{'model':12s} {'batch':>5s} " + " ".join(f"{n + ' ms':>18s}" for n in VARIANTS))
+    print(f"{'model':12s} {'batch':>5s} " + " ".join(f"{n + ' ms':>18s}" for n in variants))
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            result = measure(model_path(name), batch, args.steps, args.rounds)
+            result = measure(model_path(name), batch, args.steps, args.rounds, variants)
             rows.append({"model": name, "batch": batch, "step_ms": result})
-            cells = " ".join(f"{result[n]:18.2f}" for n in VARIANTS)
+            cells = " ".join(f"{result[n]:18.2f}" for n in variants)
             print(f"{name:12s} {batch:5d} {cells}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: str(v) for k, v in vars(args).items()}

@@ -11,7 +11,7 @@ import torch
 
 from engine.attention.base import AttentionMetadata
 from engine.attention.torch_backend import TorchAttentionBackend
-from engine.kernels.cpu_paged_decode import load_extension, paged_decode_attention
+from engine.kernels.cpu_paged_decode import decode_tables, load_extension, run_paged_decode
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
@@ -29,11 +29,12 @@ class CpuAttentionBackend(TorchAttentionBackend):
     ) -> torch.Tensor:  # [num_decodes, num_heads, head_dim]
         if kv_cache.dtype != torch.float32:
             return super()._decode(query, kv_cache, metadata, scale)
-        num_decodes = query.shape[0]
-        return paged_decode_attention(
-            query,
-            kv_cache,
-            metadata.block_tables[:num_decodes],
-            metadata.seq_lens[:num_decodes],
-            scale,
-        )
+        if "cpu_decode" not in metadata.per_step:  # checked once, used by every layer
+            num_decodes = query.shape[0]
+            metadata.per_step["cpu_decode"] = decode_tables(
+                metadata.block_tables[:num_decodes],
+                metadata.seq_lens[:num_decodes],
+                kv_cache.shape[1],
+                kv_cache.shape[2],
+            )
+        return run_paged_decode(query, kv_cache, metadata.per_step["cpu_decode"], scale)

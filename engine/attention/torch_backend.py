@@ -20,14 +20,22 @@ import torch.nn.functional as F
 from engine.attention.base import AttentionMetadata
 
 
+def has_padding(slot_mapping: torch.Tensor) -> bool:  # [num_tokens] int64
+    """Whether a step's slot mapping holds padding (-1: nothing to write)."""
+    return bool(slot_mapping.numel()) and bool(slot_mapping.min() < 0)
+
+
 def write_kv_cache(
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = skip
+    padded: bool | None = None,  # whether any slot is -1; None: look (a reduction and a sync)
 ) -> None:
     num_tokens = key.shape[0]
-    if num_tokens and bool(slot_mapping.min() < 0):  # padding (CUDA graphs): write the rest
+    if padded is None:
+        padded = has_padding(slot_mapping)
+    if padded:  # padding (CUDA graphs): write the rest
         keep = slot_mapping >= 0
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
         num_tokens = key.shape[0]
@@ -84,9 +92,14 @@ class TorchAttentionBackend:
         metadata: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-        write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
-        output = torch.empty_like(query)
+        if "kv_padded" not in metadata.per_step:  # the same for every layer of the step
+            metadata.per_step["kv_padded"] = has_padding(metadata.slot_mapping)
+        padded = metadata.per_step["kv_padded"]
+        write_kv_cache(key, value, kv_cache, metadata.slot_mapping, padded)
         num_decodes = metadata.num_decodes
+        if num_decodes and num_decodes == metadata.num_seqs:  # decode only: no output copy
+            return self._decode(query, kv_cache, metadata, scale)
+        output = torch.empty_like(query)
         if num_decodes:
             output[:num_decodes] = self._decode(query[:num_decodes], kv_cache, metadata, scale)
         for i in range(num_decodes, metadata.num_seqs):

@@ -119,7 +119,17 @@ torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor key_cach
   return out;
 }
 
+// cpu_layer_ops.cpp, built into the same module.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+torch::Tensor add_rms_norm_(torch::Tensor residual, torch::Tensor delta, torch::Tensor weight,
+                            double eps);
+void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t num_heads,
+             int64_t head_dim);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "Paged decode attention, CPU float32 (see cpu_paged_decode.cpp)");
+  m.def("rms_norm", &rms_norm, "RMSNorm, CPU float32 (see cpu_layer_ops.cpp)");
+  m.def("add_rms_norm_", &add_rms_norm_, "residual += delta, then RMSNorm, CPU float32");
+  m.def("rotary_", &rotary_, "Rotary embedding in place, CPU float32");
 }

@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from engine.kernels._checks import check_attention_inputs, check_int32
+from engine.kernels._checks import check_attention_inputs, check_int32, check_kv_cache
 
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_suffix(".cpp")
-_EXTENSION_NAME = "pdserve_cpu_paged_decode"
+# The per-layer ops (``engine.kernels.cpu_layer_ops``) live in the same module.
+_SOURCES = (_SOURCE, _SOURCE.with_name("cpu_layer_ops.cpp"))
+_EXTENSION_NAME = "pdserve_cpu_ops"  # paged decode attention and the layer ops
 
 
 class CpuKernelUnavailableError(RuntimeError):
@@ -51,7 +54,7 @@ def load_extension():
     try:
         return load(
             name=_EXTENSION_NAME,
-            sources=[str(_SOURCE)],
+            sources=[str(source) for source in _SOURCES],
             extra_cflags=["-O3", "-fopenmp-simd", *_simd_flags()],
             verbose=False,
         )
@@ -71,19 +74,25 @@ def is_available() -> bool:
     return True
 
 
-def paged_decode_attention(
-    query: torch.Tensor,  # [num_seqs, num_heads, head_dim] float32, CPU
-    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim] float32
+@dataclass(frozen=True)
+class DecodeTables:
+    """Block tables and lengths checked against a cache's geometry by ``decode_tables``: a
+    step checks them once and every layer's ``run_paged_decode`` reuses them."""
+
+    block_tables: torch.Tensor  # [num_seqs, max_num_blocks] int32, contiguous
+    seq_lens: torch.Tensor  # [num_seqs] int32, contiguous
+    num_blocks: int  # of the caches they were checked against
+    block_size: int
+
+
+def decode_tables(
     block_tables: torch.Tensor,  # [num_seqs, max_num_blocks] int32
     seq_lens: torch.Tensor,  # [num_seqs] int32, each <= max_num_blocks * block_size
-    scale: float,
-) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
-    """Attention of each sequence's one query token over its ``seq_lens`` cached tokens."""
-    check_attention_inputs(query, kv_cache, None)
-    num_seqs, num_blocks, block_size = query.shape[0], kv_cache.shape[1], kv_cache.shape[2]
-    if query.device.type != "cpu" or query.dtype != torch.float32:
-        raise ValueError(f"the CPU op takes float32 CPU tensors, got {query.dtype} {query.device}")
-    check_int32("seq_lens", seq_lens, (num_seqs,))
+    num_blocks: int,
+    block_size: int,
+) -> DecodeTables:
+    check_int32("seq_lens", seq_lens, (-1,))
+    num_seqs = seq_lens.shape[0]
     check_int32("block_tables", block_tables, (num_seqs, -1))
     if num_seqs and int(seq_lens.max()) > block_tables.shape[1] * block_size:
         raise ValueError(
@@ -92,11 +101,46 @@ def paged_decode_attention(
         )
     if num_seqs and not 0 <= int(block_tables.min()) <= int(block_tables.max()) < num_blocks:
         raise ValueError(f"block_tables must hold block ids in [0, {num_blocks})")
+    return DecodeTables(block_tables.contiguous(), seq_lens.contiguous(), num_blocks, block_size)
+
+
+def run_paged_decode(
+    query: torch.Tensor,  # [num_seqs, num_heads, head_dim] float32, CPU
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim] float32
+    tables: DecodeTables,  # checked against this cache's geometry
+    scale: float,
+) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
+    """Attention of each sequence's one query token over its ``seq_lens`` cached tokens."""
+    check_attention_inputs(query, kv_cache, None)
+    if query.device.type != "cpu" or query.dtype != torch.float32:
+        raise ValueError(f"the CPU op takes float32 CPU tensors, got {query.dtype} {query.device}")
+    if (kv_cache.shape[1], kv_cache.shape[2]) != (tables.num_blocks, tables.block_size):
+        raise ValueError(
+            f"the tables were checked for {tables.num_blocks} blocks of {tables.block_size} "
+            f"tokens, the cache has {kv_cache.shape[1]} of {kv_cache.shape[2]}"
+        )
+    if query.shape[0] != tables.seq_lens.shape[0]:
+        raise ValueError(
+            f"{query.shape[0]} queries for the tables of {tables.seq_lens.shape[0]} sequences"
+        )
     return load_extension().paged_decode_attention(
         query.contiguous(),
         kv_cache[0],
         kv_cache[1],
-        block_tables.contiguous(),
-        seq_lens.contiguous(),
+        tables.block_tables,
+        tables.seq_lens,
         scale,
     )
+
+
+def paged_decode_attention(
+    query: torch.Tensor,  # [num_seqs, num_heads, head_dim] float32, CPU
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim] float32
+    block_tables: torch.Tensor,  # [num_seqs, max_num_blocks] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32, each <= max_num_blocks * block_size
+    scale: float,
+) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
+    """``run_paged_decode`` with the tables checked on the way (one call, one layer)."""
+    check_kv_cache(kv_cache)
+    tables = decode_tables(block_tables, seq_lens, kv_cache.shape[1], kv_cache.shape[2])
+    return run_paged_decode(query, kv_cache, tables, scale)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.kernels import cpu_layer_ops
 from engine.models.layers import PackedLinear, RMSNorm, pack_linears, silu_and_mul
 from engine.models.rope import RopeConfig, RotaryEmbedding, apply_rotary, rope_config_from_hf
 
@@ -86,6 +87,8 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=args.o_bias)
         self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
+        # Set by the model's ``use_cpu_layer_ops``: q and k turn in place in qkv (one C++ op).
+        self.cpu_rotary = False
 
     def forward(
         self,
@@ -104,6 +107,8 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        elif self.cpu_rotary:  # the heads of q and k side by side in qkv, turned in place
+            cpu_layer_ops.rotary_(qkv, cos, sin, self.num_heads + self.num_kv_heads, self.head_dim)
         else:  # one rotary for both: the heads of q and k side by side in qkv
             qk = apply_rotary(
                 qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim), cos, sin
@@ -172,6 +177,16 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None  # an untied head's weight lives on only in packed_logits
         pack_linears(self)
 
+    def use_cpu_layer_ops(self, enabled: bool = True) -> None:
+        """Run the norms (with the residual adds) and the rotary embedding as the C++ ops of
+        ``engine.kernels.cpu_layer_ops`` (CPU, float32; the caller checks they load), or as
+        torch ops again (``enabled=False``)."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.cpu_op = enabled
+            elif isinstance(module, LlamaAttention):
+                module.cpu_rotary = enabled
+
     @classmethod
     def args_from_hf_config(cls, hf_config: Any) -> LlamaArgs:
         attention_bias = bool(getattr(hf_config, "attention_bias", False))
@@ -215,17 +230,21 @@ class LlamaForCausalLM(nn.Module):
         may still be in flight: a consumer that reads the cache must synchronize with the
         current stream (e.g. record an event) first.
         """
-        hidden_states = self.embed_tokens(input_ids)
-        cos, sin = self.rotary.cos_sin(positions, hidden_states.dtype)
+        # The residual stream takes each layer's attention and MLP output in place; the norm
+        # after each add is fused with it (``add_and_norm``), the last one being ``self.norm``.
+        residual = self.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(positions, residual.dtype)
+        hidden_states = self.layers[0].input_layernorm(residual)
         for i, layer in enumerate(self.layers):
-            attn_out = layer.self_attn(
-                layer.input_layernorm(hidden_states), cos, sin, kv_caches[i], metadata
-            )
+            attn_out = layer.self_attn(hidden_states, cos, sin, kv_caches[i], metadata)
             if layer_callback is not None:
                 layer_callback(i)
-            hidden_states = hidden_states + attn_out
-            hidden_states = hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
-        return self.norm(hidden_states)
+            mlp_out = layer.mlp(layer.post_attention_layernorm.add_and_norm(residual, attn_out))
+            next_norm = (
+                self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            )
+            hidden_states = next_norm.add_and_norm(residual, mlp_out)
+        return hidden_states
 
     def compute_logits(
         self,

@@ -16,8 +16,10 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from engine.attention.torch_backend import TorchAttentionBackend
 from engine.config import ModelConfig
+from engine.kernels import cpu_layer_ops
 from engine.kv_cache import allocate_kv_caches
 from engine.loader import load_model
+from engine.models.layers import RMSNorm
 from engine.models.registry import (
     SUPPORTED_ARCHITECTURES,
     UnsupportedModelError,
@@ -108,6 +110,18 @@ def test_projections_prepacked_for_onednn_match_hf(family):
     _, path, hf_model, _ = family
     model, _ = load_model(ModelConfig(model=str(path)), TorchAttentionBackend(), CPU)
     model.pack_for_cpu()
+    _check_chunked_prefill_and_decodes(hf_model, model)
+
+
+@pytest.mark.skipif(not cpu_layer_ops.available(), reason="the CPU ops do not build here")
+def test_cpu_layer_ops_match_hf(family):
+    """The norms, residual adds and rotary embedding as C++ ops, with the projections
+    prepacked, as the model runner sets a float32 CPU model up."""
+    _, path, hf_model, _ = family
+    model, _ = load_model(ModelConfig(model=str(path)), TorchAttentionBackend(), CPU)
+    model.pack_for_cpu()
+    model.use_cpu_layer_ops()
+    assert all(m.cpu_op for m in model.modules() if isinstance(m, RMSNorm))
     _check_chunked_prefill_and_decodes(hf_model, model)
 
 

@@ -1,0 +1,44 @@
+"""benchmarks/decode_step_cpu.py: runs its variants on pdserve-tiny and writes its JSON; the
+layer-ops variant really runs torch's ops and the others the C++ ones."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from benchmarks import decode_step_cpu
+from engine.kernels import cpu_layer_ops
+from engine.models.layers import RMSNorm
+
+
+def _main(monkeypatch, *args: str) -> None:
+    monkeypatch.setattr(sys, "argv", ["decode_step_cpu", *args])
+    threads = torch.get_num_threads()
+    try:
+        decode_step_cpu.main()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not cpu_layer_ops.available(), reason="the CPU ops do not build here")
+def test_writes_a_step_time_per_variant(tmp_path, monkeypatch):
+    out = tmp_path / "step.json"
+    variants = ["onednn", "torch-layer-ops"]
+    args = ["--models", "tiny", "--batches", "2", "--steps", "2", "--rounds", "1"]
+    _main(monkeypatch, *args, "--variants", ",".join(variants), "--out", str(out))
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["model"], row["batch"]) == ("tiny", 2)
+    assert sorted(row["step_ms"]) == sorted(variants)
+    assert all(ms > 0 for ms in row["step_ms"].values())
+    for name, uses_ops in (("onednn", True), ("torch-layer-ops", False)):
+        model = decode_step_cpu._engine("pdserve-tiny", "onednn", uses_ops, 1, 2000).runner.model
+        assert {m.cpu_op for m in model.modules() if isinstance(m, RMSNorm)} == {uses_ops}, name
+
+
+def test_an_unknown_variant_is_refused(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        _main(monkeypatch, "--variants", "onednn,fast", "--out", str(tmp_path / "x.json"))
+    assert "unknown --variants ['fast']" in capsys.readouterr().err
