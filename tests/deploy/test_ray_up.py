@@ -109,6 +109,9 @@ def _sshd_namespace(root: Path) -> Remote:
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\n"
         "AllowTcpForwarding yes\nStrictModes no\nSubsystem sftp internal-sftp\n"
     )
+    # sshd wants its privilege separation directory, which Debian's service unit creates at
+    # boot; on a fresh machine where make just installed openssh-server, nothing has.
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     remote = Remote(namespace.start(root, f"/usr/sbin/sshd -D -e -f {config}"), key)
     deadline = time.monotonic() + 20
     while True:
