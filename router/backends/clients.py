@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,8 @@ class WorkerClient:
         self.worker_id = worker_id
         self.role = role
         self._queues: dict[str, asyncio.Queue[RequestDelta | BaseException]] = {}
+        # The worker's latest stats sent unasked, and when they came (``time.monotonic``).
+        self.pushed_stats: tuple[float, WorkerStats] | None = None
 
     # -- every worker ------------------------------------------------------------------
 
@@ -284,10 +287,16 @@ class RayClient(WorkerClient):
             address = await self.target.open_channel.remote(router_node_id)
         except ray.exceptions.RayActorError as error:
             raise self._died(error) from error
-        self._channel = await ChannelClient.connect(address, self._deliver, self._lost)
+        self._channel = await ChannelClient.connect(
+            address, self._deliver, self._lost, self._pushed
+        )
         return self._channel
 
+    def _pushed(self, stats: WorkerStats) -> None:
+        self.pushed_stats = (time.monotonic(), stats)
+
     def _lost(self, error: ChannelClosedError) -> None:
+        self.pushed_stats = None
         self._fail_streams(self._died(error))
 
     def shutdown(self) -> None:

@@ -55,6 +55,10 @@ from router.policy import (
 logger = logging.getLogger(__name__)
 
 STATS_TIMEOUT_S = 5.0  # a worker's stats call; past it the worker is not chosen until it answers
+# A worker with nothing to do (no request of the router's on it, nothing running, waiting,
+# reserved or pinned) cannot change its stats by itself: it is polled this often, not at
+# ``stats_interval_s``.
+IDLE_STATS_INTERVAL_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,7 @@ class ClusterBackend:
         self.model_name = cluster.config.engine.model.model
         self.max_model_len = 0
         self._stats: dict[str, WorkerStats] = {}
+        self._polled_at: dict[str, float] = {}  # worker id -> when its stats last answered
         self._inflight: dict[str, _InFlight] = {}
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
@@ -485,34 +490,65 @@ class ClusterBackend:
         )
         return max(stats.num_waiting + stats.num_running, in_flight)
 
-    async def refresh_stats(self) -> None:
-        """Every worker's stats, each within ``STATS_TIMEOUT_S``: a worker that does not answer
-        (dead, or hung) leaves the policy's input until it does, and cannot hold up the
-        others' refresh."""
-        workers = self.cluster.prefill + self.cluster.decode
+    async def refresh_stats(self, poll_all: bool = False) -> None:
+        """Every worker's stats: pushed by a busy worker within ``stats_interval_s`` (see
+        ``engine.channel``), else polled, each within ``STATS_TIMEOUT_S``: a worker that
+        does not answer (dead, or hung) leaves the policy's input until it does, and cannot
+        hold up the others' refresh. An idle worker is polled every
+        ``IDLE_STATS_INTERVAL_S``; ``poll_all`` asks every worker now."""
+        now = time.monotonic()
+        due = []
+        for worker in self.cluster.prefill + self.cluster.decode:
+            pushed = worker.pushed_stats
+            if poll_all or pushed is None or now - pushed[0] >= self.config.stats_interval_s:
+                if poll_all or not self._resting(worker, now):
+                    due.append(worker)
+            else:
+                self._record_stats(worker, pushed[1])
         results = await asyncio.gather(
-            *(asyncio.wait_for(w.stats(), STATS_TIMEOUT_S) for w in workers),
+            *(asyncio.wait_for(w.stats(), STATS_TIMEOUT_S) for w in due),
             return_exceptions=True,
         )
-        for worker, stats in zip(workers, results):
+        for worker, stats in zip(due, results):
             if isinstance(stats, BaseException):
                 if isinstance(stats, asyncio.TimeoutError):
                     logger.warning("%s did not answer for its stats", worker.worker_id)
                 self._stats.pop(worker.worker_id, None)
                 continue
-            self._stats[worker.worker_id] = stats
-            self.metrics.observe_worker(
-                stats.role,
-                stats.worker_id,
-                stats.num_waiting,
-                stats.num_running,
-                stats.num_total_blocks - stats.num_free_blocks,
-                stats.num_free_blocks,
-            )
+            self._polled_at[worker.worker_id] = now
+            self._record_stats(worker, stats)
+
+    def _record_stats(self, worker: WorkerClient, stats: WorkerStats) -> None:
+        self._stats[worker.worker_id] = stats
+        self.metrics.observe_worker(
+            stats.role,
+            stats.worker_id,
+            stats.num_waiting,
+            stats.num_running,
+            stats.num_total_blocks - stats.num_free_blocks,
+            stats.num_free_blocks,
+        )
+
+    def _resting(self, worker: WorkerClient, now: float) -> bool:
+        """Idle when last asked, asked less than ``IDLE_STATS_INTERVAL_S`` ago, and no
+        request of the router's is on it now (a prefill worker's KV transfers still reading
+        its blocks show as pinned blocks)."""
+        stats = self._stats.get(worker.worker_id)
+        if stats is None or now - self._polled_at.get(worker.worker_id, -1e9) >= (
+            IDLE_STATS_INTERVAL_S
+        ):
+            return False
+        if stats.num_running or stats.num_waiting or stats.num_reserved or stats.num_pinned_blocks:
+            return False
+        return not any(
+            f.decode is worker or (f.prefilling and f.prefill is worker)
+            for f in self._inflight.values()
+        )
 
     def _worker_died(self, worker: WorkerClient) -> None:
         """A request saw ``worker`` die: stop choosing it and replace it now, not at the next
         periodic health check."""
+        worker.pushed_stats = None  # its last push must not make it a candidate again
         with contextlib.suppress(KeyError):
             if self.cluster.worker(worker.worker_id) is worker:  # not replaced yet
                 self._stats.pop(worker.worker_id, None)

@@ -8,10 +8,12 @@ import asyncio
 import functools
 import pickle
 import struct
+import time
 
 import pytest
 
 from engine.channel import (
+    STATS_PUSH_INTERVAL_S,
     TOKEN_BYTES,
     ChannelAddress,
     ChannelClient,
@@ -163,3 +165,65 @@ async def test_a_newer_router_connection_replaces_the_older_one() -> None:
 async def _until(predicate) -> None:
     while not predicate():
         await asyncio.sleep(0.01)
+
+
+class BusyWorker(Worker):
+    """A worker with stats: each answer says how many times it was asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_stats = 0
+
+    async def stats(self) -> dict:
+        self.num_stats += 1
+        return {"asked": self.num_stats}
+
+
+@_sync
+async def test_a_busy_worker_pushes_its_stats_at_most_every_interval() -> None:
+    worker = BusyWorker()
+    server = ChannelServer(worker, worker.outputs)
+    address = await server.open("127.0.0.1")
+    batches: asyncio.Queue[list] = asyncio.Queue()
+    pushed: asyncio.Queue[dict] = asyncio.Queue()
+    client = await ChannelClient.connect(address, batches.put_nowait, [].append, pushed.put_nowait)
+    assert await client.call("stats") == {"asked": 1}  # a poll's answer pushes nothing
+    await asyncio.sleep(0.05)
+    assert pushed.empty()
+
+    start = time.monotonic()
+    for token in range(20):  # answers and outputs in quick succession: one push per interval
+        await client.call("decode", "r1", token)
+    for _ in range(20):
+        await asyncio.wait_for(batches.get(), 5)
+    assert await asyncio.wait_for(pushed.get(), 5) == {"asked": 2}
+    await asyncio.sleep(0.05)
+    num_pushes = worker.num_stats - 1
+    assert num_pushes <= 1 + (time.monotonic() - start) // STATS_PUSH_INTERVAL_S
+    assert pushed.qsize() == num_pushes - 1  # every push arrived, newest last
+
+    await asyncio.sleep(STATS_PUSH_INTERVAL_S)  # the interval is over: the next frame pushes
+    asked = worker.num_stats
+    await client.call("decode", "r1", 99)
+    while True:  # the newest push is the one this frame sent
+        if (await asyncio.wait_for(pushed.get(), 5))["asked"] == asked + 1:
+            break
+    client.close()
+    server.close()
+
+
+@_sync
+async def test_a_worker_without_stats_still_serves_and_pushes_nothing() -> None:
+    worker = Worker()  # no stats verb: the push fails quietly, outputs flow on
+    server = ChannelServer(worker, worker.outputs)
+    address = await server.open("127.0.0.1")
+    batches: asyncio.Queue[list] = asyncio.Queue()
+    pushed: list = []
+    client = await ChannelClient.connect(address, batches.put_nowait, [].append, pushed.append)
+    await client.call("decode", "r1", 5)
+    assert await asyncio.wait_for(batches.get(), 5) == [RequestDelta("r1", [5], None, None, 3, 0)]
+    assert await client.call("abort", "r1") == "aborted r1"
+    await asyncio.sleep(0.05)
+    assert pushed == []
+    client.close()
+    server.close()

@@ -54,7 +54,9 @@ class Served:
 
     def num_unfinished(self) -> int:
         """Requests the backend's workers hold now (freshly asked, not a cached snapshot)."""
-        refresh = asyncio.run_coroutine_threadsafe(self.backend.refresh_stats(), self.loop)
+        refresh = asyncio.run_coroutine_threadsafe(
+            self.backend.refresh_stats(poll_all=True), self.loop
+        )
         refresh.result(timeout=10)
         stats = self.backend.worker_stats().values()
         return sum(s.num_waiting + s.num_running + s.num_reserved for s in stats)

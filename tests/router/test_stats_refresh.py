@@ -1,0 +1,123 @@
+"""The router's stats refresh: a busy worker's pushed stats stand in for a poll, an idle
+worker is asked every ``IDLE_STATS_INTERVAL_S``, a worker that fails drops out. The
+worker side of the push (``engine.channel``) is tested in ``tests/engine/test_channel.py``;
+a real cluster's stats reach the router in ``tests/serving``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from types import SimpleNamespace
+
+from engine.wire import WorkerStats
+from router.backends import cluster as cluster_module
+from router.backends.cluster import ClusterBackend, _InFlight
+
+
+def _stats(worker_id: str, role: str, **busy: int) -> WorkerStats:
+    fields = {
+        "num_waiting": 0,
+        "num_running": 0,
+        "num_reserved": 0,
+        "num_total_blocks": 100,
+        "num_free_blocks": 100,
+        "prefix_cache_queries": 0,
+        "prefix_cache_hits": 0,
+        "num_preemptions": 0,
+        "block_size": 16,
+        "uptime_s": 1.0,
+    }
+    return WorkerStats(worker_id=worker_id, role=role, **{**fields, **busy})
+
+
+class Client:
+    """A worker client as the backend sees it: ``stats`` counts the polls."""
+
+    def __init__(self, worker_id: str, role: str) -> None:
+        self.worker_id, self.role = worker_id, role
+        self.pushed_stats: tuple[float, WorkerStats] | None = None
+        self.current = _stats(worker_id, role)
+        self.polls = 0
+        self.fail = False
+
+    async def stats(self) -> WorkerStats:
+        self.polls += 1
+        if self.fail:
+            raise ConnectionError("gone")
+        return self.current
+
+
+def _backend() -> tuple[ClusterBackend, Client, Client]:
+    prefill, decode = Client("prefill-0", "prefill"), Client("decode-0", "decode")
+    model = SimpleNamespace(model="m")
+    cluster = SimpleNamespace(
+        prefill=[prefill],
+        decode=[decode],
+        config=SimpleNamespace(engine=SimpleNamespace(model=model)),
+    )
+    return ClusterBackend(cluster), prefill, decode  # type: ignore[arg-type]
+
+
+def test_fresh_pushed_stats_stand_in_for_a_poll_and_stale_ones_do_not():
+    backend, prefill, decode = _backend()
+    asyncio.run(backend.refresh_stats())
+    assert (prefill.polls, decode.polls) == (1, 1)
+    busy = _stats("decode-0", "decode", num_running=7, num_free_blocks=60)
+    decode.pushed_stats = (time.monotonic(), busy)
+    asyncio.run(backend.refresh_stats())
+    assert decode.polls == 1 and backend.worker_stats()["decode-0"] == busy
+    labels = {"role": "decode", "worker_id": "decode-0"}
+    gauge = backend.metrics.registry.get_sample_value
+    assert gauge("pdserve_worker_num_running_requests", labels) == 7
+    decode.pushed_stats = (time.monotonic() - 2 * backend.config.stats_interval_s, busy)
+    decode.current = replace(busy, num_running=3)
+    asyncio.run(backend.refresh_stats())  # too old: asked (it is not idle)
+    assert decode.polls == 2 and backend.worker_stats()["decode-0"].num_running == 3
+
+
+def test_an_idle_worker_is_asked_every_idle_interval_unless_a_request_is_on_it(monkeypatch):
+    backend, prefill, decode = _backend()
+    asyncio.run(backend.refresh_stats())
+    asyncio.run(backend.refresh_stats())
+    assert (prefill.polls, decode.polls) == (1, 1)  # both idle: resting
+    asyncio.run(backend.refresh_stats(poll_all=True))
+    assert (prefill.polls, decode.polls) == (2, 2)
+
+    backend._inflight["r1"] = _InFlight(decode, prefill, "r1")  # type: ignore[arg-type]
+    asyncio.run(backend.refresh_stats())
+    assert (prefill.polls, decode.polls) == (3, 3)  # a request on both: asked
+    backend._inflight["r1"].prefilling = False  # P returned the first token: P rests again
+    asyncio.run(backend.refresh_stats())
+    assert (prefill.polls, decode.polls) == (3, 4)
+    del backend._inflight["r1"]
+
+    decode.current = _stats("decode-0", "decode", num_reserved=1)  # e.g. a lease running
+    asyncio.run(backend.refresh_stats(poll_all=True))
+    asyncio.run(backend.refresh_stats())
+    asyncio.run(backend.refresh_stats())
+    assert decode.polls == 7  # not idle by its own last stats: asked every time
+    decode.current = _stats("decode-0", "decode")
+    asyncio.run(backend.refresh_stats())
+    asyncio.run(backend.refresh_stats())
+    assert decode.polls == 8  # idle again: resting
+
+    monkeypatch.setattr(cluster_module, "IDLE_STATS_INTERVAL_S", 0.0)
+    asyncio.run(backend.refresh_stats())
+    assert (prefill.polls, decode.polls) == (5, 9)
+
+
+def test_a_worker_that_fails_its_poll_or_dies_drops_out_until_it_answers():
+    backend, _, decode = _backend()
+    asyncio.run(backend.refresh_stats())
+    decode.fail = True
+    asyncio.run(backend.refresh_stats(poll_all=True))
+    assert "decode-0" not in backend.worker_stats()
+    decode.fail = False
+    asyncio.run(backend.refresh_stats())  # no stats to rest on: asked at once
+    assert "decode-0" in backend.worker_stats()
+
+    decode.pushed_stats = (time.monotonic(), decode.current)
+    backend.cluster.worker = lambda worker_id: decode
+    backend._worker_died(decode)  # type: ignore[arg-type]
+    assert decode.pushed_stats is None and "decode-0" not in backend.worker_stats()
