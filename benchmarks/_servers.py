@@ -120,14 +120,19 @@ def server_env(num_threads: int = 1, **extra: str) -> dict[str, str]:
 
 
 def _launch(
-    name: str, command: list[str], port: int, log_path: Path, env: dict[str, str]
+    name: str,
+    command: list[str],
+    port: int,
+    log_path: Path,
+    env: dict[str, str],
+    cwd: Path = REPO_ROOT,
 ) -> ServerProcess:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     logger.info("starting %s: %s (log %s)", name, " ".join(command), log_path)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             command,
-            cwd=REPO_ROOT,
+            cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -147,9 +152,12 @@ def start_pdserve(
     extra_args: tuple[str, ...] = (),
     num_threads: int = 1,
     extra_env: dict[str, str] | None = None,
+    cwd: Path = REPO_ROOT,
 ) -> ServerProcess:
     """``pdserve serve`` on 127.0.0.1:``port`` (1P1D over gRPC by default), CPU, float32;
-    ``extra_env`` on top of ``server_env`` (e.g. ``PYTHONPATH`` of another checkout)."""
+    ``extra_env`` on top of ``server_env``. Another checkout's server: ``PYTHONPATH`` and
+    ``cwd`` both that checkout (Ray puts the driver's working directory first on its
+    workers' ``sys.path``)."""
     command = [
         str(Path(sys.executable).parent / "pdserve"),
         "serve",
@@ -174,7 +182,8 @@ def start_pdserve(
         if colocated
         else f"pdserve {num_prefill}P{num_decode}D"
     )
-    return _launch(name, command, port, log_path, server_env(num_threads, **(extra_env or {})))
+    env = server_env(num_threads, **(extra_env or {}))
+    return _launch(name, command, port, log_path, env, cwd)
 
 
 def start_vllm(

@@ -15,7 +15,9 @@ workers) while it
 With ``--compare-with DIR`` (a checkout of another pdserve revision, e.g. a ``git worktree``
 of main), the servers of the two trees alternate, ``--rounds`` times each, so both meet
 the same machine load; the table gives each tree's median and the ratio. A server of
-the other tree runs with ``PYTHONPATH=DIR``, this venv's packages.
+the other tree (router and workers) runs with ``PYTHONPATH=DIR`` and ``DIR`` as its
+working directory (Ray puts the driver's first on its workers' path), with this venv's
+packages.
 
     .venv/bin/python -m benchmarks.router_cpu
     git worktree add --detach /tmp/base main
@@ -40,6 +42,7 @@ from pathlib import Path
 
 from benchmarks._servers import (
     LOG_DIR,
+    REPO_ROOT,
     RESULTS_DIR,
     ServerRun,
     fmt,
@@ -93,7 +96,13 @@ def measure(mode: str, pythonpath: str | None, args: argparse.Namespace, seed: i
     """One server of the tree at ``pythonpath`` (None: this one) in ``mode``: its figures."""
     extra = {"PYTHONPATH": pythonpath} if pythonpath else {}
     log = LOG_DIR / f"router_cpu_{mode}_{'other' if pythonpath else 'this'}.log"
-    server = start_pdserve(free_port(), log, colocated=mode == "colocated", extra_env=extra)
+    server = start_pdserve(
+        free_port(),
+        log,
+        colocated=mode == "colocated",
+        extra_env=extra,
+        cwd=Path(pythonpath) if pythonpath else REPO_ROOT,
+    )
     base = BenchConfig(progress=False)
     n = args.num_prompts
     benches = [  # fresh prompts for every run: no prefix-cache hits between them
