@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._servers import MODEL_NAMES, RESULTS_DIR, machine_info, model_path
-from engine.kernels import cpu_layer_ops
+from engine.kernels.cpu_paged_decode import is_available as cpu_ops_available
 from engine.llm import LLM
 from engine.models.layers import PackedLinear
 from engine.sampling_params import SamplingParams
@@ -43,7 +43,7 @@ VARIANTS = {
 
 def _engine(model: str, linear_backend: str, layer_ops: bool, batch: int, vocab_limit: int):
     engine = LLM(model, device="cpu", dtype="float32", linear_backend=linear_backend).engine
-    engine.runner.model.use_cpu_layer_ops(layer_ops and cpu_layer_ops.available())
+    engine.runner.model.use_cpu_layer_ops(layer_ops and cpu_ops_available())
     rng = random.Random(0)
     for i in range(batch):
         prompt = [rng.randrange(100, vocab_limit) for _ in range(128)]

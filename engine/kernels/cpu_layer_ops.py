@@ -10,25 +10,17 @@ are equal to the torch ops bit for bit, RMSNorm differs only in how its sum of s
 summed (a few float32 ulps). The references are ``engine.models.layers.RMSNorm`` and
 ``engine.models.rope.apply_rotary``.
 
-The model uses them only on the CPU in float32 once ``available()`` (``LlamaForCausalLM.
-use_cpu_layer_ops``). The C++ checks every argument (dtype, device, shape, strides) and
-raises ``ValueError``: a few hundred nanoseconds where checks in Python took ~3 us a call.
+The model uses them only on the CPU in float32 where the module builds
+(``engine.kernels.cpu_paged_decode.is_available``; ``LlamaForCausalLM.use_cpu_layer_ops``).
+The C++ checks every argument (dtype, device, shape, strides) and raises ``ValueError``: a
+few hundred nanoseconds where checks in Python took ~3 us a call.
 """
 
 from __future__ import annotations
 
 import torch
 
-from engine.kernels.cpu_paged_decode import CpuKernelUnavailableError, load_extension
-
-
-def available() -> bool:
-    """Whether the C++ ops build and load here (the CPU attention backend logs why not)."""
-    try:
-        load_extension()
-    except CpuKernelUnavailableError:
-        return False
-    return True
+from engine.kernels.cpu_paged_decode import load_extension
 
 
 def rms_norm(

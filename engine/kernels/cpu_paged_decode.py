@@ -47,29 +47,47 @@ def _simd_flags() -> list[str]:
 
 
 @functools.cache
-def load_extension():
-    """Build (or find in torch's extension cache) and import the op; raises if it cannot."""
+def _build() -> tuple[object | None, CpuKernelUnavailableError | None]:
+    """The op's module, or why it cannot be had: tried once per process (a failing build
+    can take a minute; the attention backend and the layer ops both ask)."""
     from torch.utils.cpp_extension import load
 
     try:
-        return load(
+        module = load(
             name=_EXTENSION_NAME,
             sources=[str(source) for source in _SOURCES],
             extra_cflags=["-O3", "-fopenmp-simd", *_simd_flags()],
             verbose=False,
         )
     except Exception as error:  # compiler missing, build failed: say which and why
-        raise CpuKernelUnavailableError(
+        failure = CpuKernelUnavailableError(
             f"could not build the CPU paged-attention op from {_SOURCE.name}: {error}"
-        ) from error
+        )
+        failure.__cause__ = error
+        return None, failure
+    return module, None
+
+
+def load_extension():
+    """Build (or find in torch's extension cache) and import the op; raises if it cannot."""
+    module, failure = _build()
+    if failure is not None:  # a fresh error each time: the remembered one keeps its traceback
+        raise CpuKernelUnavailableError(str(failure)) from failure.__cause__
+    return module
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning(message)
 
 
 def is_available() -> bool:
-    """Whether the op builds and loads here (logs why not, once)."""
+    """Whether the op module (decode attention, ``engine.kernels.cpu_layer_ops``) builds and
+    loads here; logs why not, once."""
     try:
         load_extension()
     except CpuKernelUnavailableError as error:
-        logger.warning("%s; decode attention falls back to the torch backend", error)
+        _warn_once(f"{error}; decode attention falls back to the torch backend")
         return False
     return True
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks import decode_step_cpu
-from engine.kernels import cpu_layer_ops
+from engine.kernels.cpu_paged_decode import is_available as cpu_ops_available
 from engine.models.layers import RMSNorm
 
 
@@ -23,7 +23,7 @@ def _main(monkeypatch, *args: str) -> None:
         torch.set_num_threads(threads)
 
 
-@pytest.mark.skipif(not cpu_layer_ops.available(), reason="the CPU ops do not build here")
+@pytest.mark.skipif(not cpu_ops_available(), reason="the CPU ops do not build here")
 def test_writes_a_step_time_per_variant(tmp_path, monkeypatch):
     out = tmp_path / "step.json"
     variants = ["onednn", "torch-layer-ops"]

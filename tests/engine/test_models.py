@@ -16,7 +16,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from engine.attention.torch_backend import TorchAttentionBackend
 from engine.config import ModelConfig
-from engine.kernels import cpu_layer_ops
+from engine.kernels.cpu_paged_decode import is_available as cpu_ops_available
 from engine.kv_cache import allocate_kv_caches
 from engine.loader import load_model
 from engine.models.layers import RMSNorm
@@ -113,7 +113,7 @@ def test_projections_prepacked_for_onednn_match_hf(family):
     _check_chunked_prefill_and_decodes(hf_model, model)
 
 
-@pytest.mark.skipif(not cpu_layer_ops.available(), reason="the CPU ops do not build here")
+@pytest.mark.skipif(not cpu_ops_available(), reason="the CPU ops do not build here")
 def test_cpu_layer_ops_match_hf(family):
     """The norms, residual adds and rotary embedding as C++ ops, with the projections
     prepacked, as the model runner sets a float32 CPU model up."""

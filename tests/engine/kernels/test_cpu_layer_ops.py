@@ -5,12 +5,11 @@ import pytest
 import torch
 
 from engine.kernels import cpu_layer_ops
+from engine.kernels.cpu_paged_decode import is_available as cpu_ops_available
 from engine.models.layers import RMSNorm
 from engine.models.rope import apply_rotary
 
-pytestmark = pytest.mark.skipif(
-    not cpu_layer_ops.available(), reason="the CPU ops do not build here"
-)
+pytestmark = pytest.mark.skipif(not cpu_ops_available(), reason="the CPU ops do not build here")
 
 
 def _norm(hidden: int, seed: int) -> RMSNorm:

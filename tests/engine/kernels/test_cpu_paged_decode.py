@@ -1,5 +1,8 @@
 """The CPU C++ decode op equals its torch reference, reading the paged cache in place."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -104,3 +107,34 @@ def test_auto_falls_back_to_torch_and_says_why_when_the_op_cannot_be_built(monke
     assert "no g++; decode attention falls back to the torch backend" in caplog.text
     with pytest.raises(ValueError, match="CPU only"):
         get_attention_backend("cpu", "cuda")
+
+
+def test_a_failed_build_is_tried_once_and_said_once():
+    """The attention backend and the layer ops both ask; a build that fails (slowly, at
+    worst) is not tried again, and its warning is logged once. In a fresh process, so
+    this one's loaded op is left alone."""
+    script = """
+import logging, sys
+import torch.utils.cpp_extension as ext
+from engine.kernels import cpu_paged_decode
+calls = []
+def broken(**kwargs):
+    calls.append(kwargs["name"])
+    raise OSError("g++ exploded")
+ext.load = broken
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(message)s")
+assert not cpu_paged_decode.is_available() and not cpu_paged_decode.is_available()
+try:
+    cpu_paged_decode.load_extension()
+except cpu_paged_decode.CpuKernelUnavailableError as error:
+    assert "g++ exploded" in str(error) and isinstance(error.__cause__, OSError)
+else:
+    raise AssertionError("no error")
+print("builds", len(calls))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("g++ exploded; decode attention falls back") == 1
+    assert "builds 1" in done.stdout
