@@ -500,11 +500,10 @@ class ClusterBackend:
         due = []
         for worker in self.cluster.prefill + self.cluster.decode:
             pushed = worker.pushed_stats
-            if poll_all or pushed is None or now - pushed[0] >= self.config.stats_interval_s:
-                if poll_all or not self._resting(worker, now):
-                    due.append(worker)
-            else:
+            if not poll_all and pushed and now - pushed[0] < self.config.stats_interval_s:
                 self._record_stats(worker, pushed[1])
+            elif poll_all or not self._resting(worker, now):
+                due.append(worker)
         results = await asyncio.gather(
             *(asyncio.wait_for(w.stats(), STATS_TIMEOUT_S) for w in due),
             return_exceptions=True,
@@ -534,9 +533,8 @@ class ClusterBackend:
         request of the router's is on it now (a prefill worker's KV transfers still reading
         its blocks show as pinned blocks)."""
         stats = self._stats.get(worker.worker_id)
-        if stats is None or now - self._polled_at.get(worker.worker_id, -1e9) >= (
-            IDLE_STATS_INTERVAL_S
-        ):
+        polled_at = self._polled_at.get(worker.worker_id)
+        if stats is None or polled_at is None or now - polled_at >= IDLE_STATS_INTERVAL_S:
             return False
         if stats.num_running or stats.num_waiting or stats.num_reserved or stats.num_pinned_blocks:
             return False
