@@ -8,8 +8,12 @@ Pure Python (no torch): it reads worker snapshots and a prefix-affinity index an
    then the smallest id. When none has room, the one with the most free blocks (it queues
    the request; admission is the backend's call).
 2. **Local prefill** (conditional disaggregation): when ``enable_local_prefill`` and the part
-   of the prompt not already cached on D is at most ``local_prefill_threshold`` tokens, D
-   prefills it itself (``SHORT_PROMPT``). With no prefill workers at all, always local.
+   of the prompt not already cached on D, plus what D still has to prefill of the local
+   prefills already sent to it (``num_local_prefill_tokens``), is at most
+   ``local_prefill_threshold`` tokens, D prefills it itself (``SHORT_PROMPT``): a short
+   prompt costs D's running requests one slightly longer step, but a burst of them would all
+   land in one long step of D's while P idles, so past the threshold they go to P. With no
+   prefill workers at all, always local.
 3. **Prefill worker P**: the worker with the longest cached prefix (in whole blocks) wins,
    unless its queue is more than ``affinity_max_queue_gap`` requests longer than the
    shortest queue: then the least-queued worker wins (``LEAST_LOADED``). Ties: shorter
@@ -39,6 +43,9 @@ class DecodeWorkerSnapshot:
     num_total_blocks: int
     num_running: int
     num_waiting: int
+    # Uncached prompt tokens of the local prefills sent to it that have not produced their
+    # first token yet (the router's own count: stats would be a refresh late).
+    num_local_prefill_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,8 @@ class PairingDecision:
 class PolicyConfig:
     block_size: int = 16  # must equal the workers' --block-size for hashes to agree
     enable_local_prefill: bool = True
-    local_prefill_threshold: int = 64  # uncached prompt tokens at most this: prefill on D
+    # Uncached prompt tokens at most this, with D's unfinished local prefills: prefill on D.
+    local_prefill_threshold: int = 64
     affinity_max_queue_gap: int = 4  # queued requests an affinity choice may exceed the min by
     affinity_index_capacity: int = 100_000  # (worker, block hash) entries kept
 
@@ -154,7 +162,9 @@ class PairingPolicy:
                 cached_on_decode * block_size,
             )
         elif (
-            self.config.enable_local_prefill and num_uncached <= self.config.local_prefill_threshold
+            self.config.enable_local_prefill
+            and num_uncached + decode.num_local_prefill_tokens
+            <= self.config.local_prefill_threshold
         ):
             decision = PairingDecision(
                 decode.worker_id, None, DecisionReason.SHORT_PROMPT, cached_on_decode * block_size

@@ -94,7 +94,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--local-prefill-threshold",
         type=int,
         default=BackendConfig.local_prefill_threshold,
-        help="prefill on the decode worker when at most this many prompt tokens are uncached",
+        help="prefill on the decode worker when at most this many prompt tokens are uncached "
+        "there, counting those of its local prefills not yet done",
     )
     group.add_argument(
         "--affinity-max-queue-gap",

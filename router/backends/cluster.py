@@ -66,7 +66,8 @@ class BackendConfig:
     """Dispatch settings (CLI flags of the same names)."""
 
     enable_local_prefill: bool = True
-    local_prefill_threshold: int = 64  # uncached prompt tokens at most this: prefill on D
+    # Uncached prompt tokens at most this, with D's unfinished local prefills: prefill on D.
+    local_prefill_threshold: int = 64
     affinity_max_queue_gap: int = 4  # queued requests a prefix-affinity choice may exceed by
     admission_timeout_s: float = 30.0  # how long a request waits for KV room on D
     max_migrations: int = 3  # times a request resumes elsewhere after a worker failed it
@@ -96,7 +97,8 @@ class _InFlight:
     decode: WorkerClient
     prefill: WorkerClient | None
     worker_request_id: str  # the id of the current attempt on the workers
-    prefilling: bool = True  # False once P returned the first token: P's queue is free of it
+    prefilling: bool = True  # False once the first token is back: the prefill is done
+    local_prefill_tokens: int = 0  # prefilled on D: the prompt tokens it computes
 
 
 class _AttemptFailed(Exception):
@@ -212,14 +214,18 @@ class ClusterBackend:
         for attempt in range(self.config.max_migrations + 1):
             # A fresh id per attempt: late KV or deltas of a failed one can match nothing.
             worker_request_id = request_id if attempt == 0 else f"{request_id}~{attempt}"
-            decode, prefill = await self._pair(request, emitted, excluded, attempt)
-            self._inflight[request_id] = _InFlight(decode, prefill, worker_request_id)
+            decode, prefill, local_tokens = await self._pair(request, emitted, excluded, attempt)
+            inflight = _InFlight(
+                decode, prefill, worker_request_id, local_prefill_tokens=local_tokens
+            )
+            self._inflight[request_id] = inflight
             try:
                 async for delta in self._attempt(
                     request, worker_request_id, emitted, decode, prefill
                 ):
                     emitted.extend(delta.new_token_ids)
                     finished = delta.finished
+                    inflight.prefilling = False
                     yield delta
                 return
             except _AttemptFailed as failure:
@@ -259,8 +265,9 @@ class ClusterBackend:
         emitted: list[int],
         excluded: set[int],
         attempt: int,
-    ) -> tuple[WorkerClient, WorkerClient | None]:
-        """D, and P or None (local prefill), for an attempt. A retry waits up to
+    ) -> tuple[WorkerClient, WorkerClient | None, int]:
+        """D, and P or None (local prefill), for an attempt, and how many prompt tokens D
+        prefills itself (0 when P does). A retry waits up to
         ``failover_timeout_s`` for a usable decode worker (e.g. the replacement of the only
         one) and never takes a worker that already failed this request."""
         deadline = time.monotonic() + self.config.failover_timeout_s
@@ -277,7 +284,10 @@ class ClusterBackend:
         self.metrics.observe_prefill_decision(
             "local" if prefill is None else "remote", decision.reason.value
         )
-        return decode, prefill
+        if prefill is not None:
+            return decode, prefill, 0
+        num_tokens = len(request.prompt_token_ids) + len(emitted)
+        return decode, None, num_tokens - decision.num_cached_tokens_expected
 
     async def _attempt(
         self,
@@ -472,13 +482,19 @@ class ClusterBackend:
         stats = self._stats[worker_id]
         # Requests sent since the last stats refresh are not in ``stats`` yet: without them, a
         # burst of requests would all go to the same worker. Count them as waiting.
-        in_flight = sum(1 for f in self._inflight.values() if f.decode.worker_id == worker_id)
+        in_flight = local_prefill_tokens = 0
+        for f in self._inflight.values():
+            if f.decode.worker_id == worker_id:
+                in_flight += 1
+                if f.prefilling:
+                    local_prefill_tokens += f.local_prefill_tokens
         return DecodeWorkerSnapshot(
             worker_id=stats.worker_id,
             num_free_blocks=stats.num_free_blocks,
             num_total_blocks=stats.num_total_blocks,
             num_running=stats.num_running,
             num_waiting=max(stats.num_waiting + stats.num_reserved, in_flight - stats.num_running),
+            num_local_prefill_tokens=local_prefill_tokens,
         )
 
     def _queued(self, worker_id: str) -> int:

@@ -76,6 +76,18 @@ def test_short_prompt_prefills_locally_unless_disabled() -> None:
     assert decision == PairingDecision("D0", "P0", DecisionReason.LEAST_LOADED, 0)
 
 
+def test_local_prefills_not_yet_done_on_d_count_against_the_threshold() -> None:
+    short = [1, 2, 3, 4, 5, 6]
+    busy = DecodeWorkerSnapshot("D0", 50, 100, 0, 0, num_local_prefill_tokens=2)
+    decision = policy().choose(short, [busy], P01)  # 6 + 2 <= 8
+    assert decision == PairingDecision("D0", None, DecisionReason.SHORT_PROMPT, 0)
+    busier = DecodeWorkerSnapshot("D0", 50, 100, 0, 0, num_local_prefill_tokens=3)
+    decision = policy().choose(short, [busier], P01)  # 6 + 3 > 8: P prefills it
+    assert decision == PairingDecision("D0", "P0", DecisionReason.LEAST_LOADED, 0)
+    decision = policy().choose(short, [busier], [])  # nobody else can
+    assert decision == PairingDecision("D0", None, DecisionReason.NO_PREFILL_WORKERS, 0)
+
+
 def test_long_prompt_goes_to_least_loaded_prefill_worker() -> None:
     decision = policy().choose(PROMPT, [decode("D0", 50)], [prefill("P0", 3), prefill("P1", 1)])
     assert decision == PairingDecision("D0", "P1", DecisionReason.LEAST_LOADED, 0)
