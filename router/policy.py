@@ -12,8 +12,10 @@ Pure Python (no torch): it reads worker snapshots and a prefix-affinity index an
    prefills already sent to it (``num_local_prefill_tokens``), is at most
    ``local_prefill_threshold`` tokens, D prefills it itself (``SHORT_PROMPT``): a short
    prompt costs D's running requests one slightly longer step, but a burst of them would all
-   land in one long step of D's while P idles, so past the threshold they go to P. With no
-   prefill workers at all, always local.
+   land in one long step of D's while P idles, so past the threshold they go to P. Unless P
+   would compute more than the threshold beyond what D would (D holds a prefix P does not,
+   as in a chat's next turn): then D prefills it anyway. With no prefill workers at all,
+   always local.
 3. **Prefill worker P**: the worker with the longest cached prefix (in whole blocks) wins,
    unless its queue is more than ``affinity_max_queue_gap`` requests longer than the
    shortest queue: then the least-queued worker wins (``LEAST_LOADED``). Ties: shorter
@@ -161,19 +163,27 @@ class PairingPolicy:
                 DecisionReason.NO_PREFILL_WORKERS,
                 cached_on_decode * block_size,
             )
-        elif (
-            self.config.enable_local_prefill
-            and num_uncached + decode.num_local_prefill_tokens
-            <= self.config.local_prefill_threshold
-        ):
-            decision = PairingDecision(
-                decode.worker_id, None, DecisionReason.SHORT_PROMPT, cached_on_decode * block_size
-            )
         else:
+            threshold = self.config.local_prefill_threshold
+            short = self.config.enable_local_prefill and num_uncached <= threshold
             prefill, reason, num_cached_blocks = self._choose_prefill(block_hashes, prefill_workers)
-            decision = PairingDecision(
-                decode.worker_id, prefill.worker_id, reason, num_cached_blocks * block_size
-            )
+            # D's share of local prefills is taken: P prefills it, unless P would compute
+            # more than that share beyond what D would (D holds a prefix P does not).
+            num_uncached_on_prefill = num_prompt_tokens - num_cached_blocks * block_size
+            if short and (
+                num_uncached + decode.num_local_prefill_tokens <= threshold
+                or num_uncached_on_prefill - num_uncached > threshold
+            ):
+                decision = PairingDecision(
+                    decode.worker_id,
+                    None,
+                    DecisionReason.SHORT_PROMPT,
+                    cached_on_decode * block_size,
+                )
+            else:
+                decision = PairingDecision(
+                    decode.worker_id, prefill.worker_id, reason, num_cached_blocks * block_size
+                )
 
         if decision.prefill_id is not None:
             self.index.record(decision.prefill_id, block_hashes)

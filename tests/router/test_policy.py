@@ -88,6 +88,20 @@ def test_local_prefills_not_yet_done_on_d_count_against_the_threshold() -> None:
     assert decision == PairingDecision("D0", None, DecisionReason.NO_PREFILL_WORKERS, 0)
 
 
+def test_a_prefix_held_by_d_alone_keeps_the_prefill_local_when_d_is_busy() -> None:
+    pairing = policy(local_prefill_threshold=8)
+    first = pairing.choose(PROMPT, [decode("D0", 50)], [prefill("P0")])  # P0, D0 hold it
+    assert first == PairingDecision("D0", "P0", DecisionReason.LEAST_LOADED, 0)
+    busy = DecodeWorkerSnapshot("D0", 50, 100, 0, 0, num_local_prefill_tokens=8)
+    turn = [*PROMPT, 7, 7]  # 2 tokens uncached on D0
+    # P0 holds the prefix too: D0's share is taken, P0 computes the same 2 tokens.
+    decision = pairing.choose(turn, [busy], [prefill("P0")])
+    assert decision == PairingDecision("D0", "P0", DecisionReason.AFFINITY, 20)
+    # P1 would compute all 22: 20 more than D0, past the threshold of 8: D0 prefills it.
+    decision = pairing.choose(turn, [busy], [prefill("P1")])
+    assert decision == PairingDecision("D0", None, DecisionReason.SHORT_PROMPT, 20)
+
+
 def test_long_prompt_goes_to_least_loaded_prefill_worker() -> None:
     decision = policy().choose(PROMPT, [decode("D0", 50)], [prefill("P0", 3), prefill("P1", 1)])
     assert decision == PairingDecision("D0", "P1", DecisionReason.LEAST_LOADED, 0)
