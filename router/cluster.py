@@ -78,6 +78,8 @@ class ClusterConfig:
     decode_accelerator_type: str | None = None
     num_gpus_per_worker: float = 0.0
     kv_host: str = "127.0.0.1"  # where decode workers accept KV; 0.0.0.0 across nodes
+    # The prefill workers' token budget per engine step; None: the engine's own.
+    prefill_max_num_batched_tokens: int | None = None
     startup_timeout_s: float = 600.0
     max_num_workers: int | None = None  # the most at once (the planner's maxima); None: fixed
 
@@ -90,6 +92,21 @@ class ClusterConfig:
             )
         if self.num_gpus_per_worker < 0:
             raise ValueError(f"num_gpus_per_worker must be >= 0, got {self.num_gpus_per_worker}")
+        if self.prefill_max_num_batched_tokens is not None:
+            if self.colocated:
+                raise ValueError(
+                    "prefill_max_num_batched_tokens is the prefill workers' step budget: "
+                    "a colocated cluster has none (use max_num_batched_tokens)"
+                )
+            if self.prefill_max_num_batched_tokens <= 0:
+                raise ValueError(
+                    "prefill_max_num_batched_tokens must be positive, got "
+                    f"{self.prefill_max_num_batched_tokens}"
+                )
+            # Checked as the prefill workers' scheduler config, before any worker starts.
+            replace(
+                self.engine.scheduler, max_num_batched_tokens=self.prefill_max_num_batched_tokens
+            )
         if self.max_num_workers is not None and self.max_num_workers < 1:
             raise ValueError(f"max_num_workers must be at least 1, got {self.max_num_workers}")
 
@@ -268,6 +285,10 @@ class Cluster:
         config = self.config
         engine = self._engine_config()
         if role == "prefill":
+            if config.prefill_max_num_batched_tokens is not None:
+                budget = config.prefill_max_num_batched_tokens
+                scheduler = replace(engine.scheduler, max_num_batched_tokens=budget)
+                engine = replace(engine, scheduler=scheduler)
             return (worker_id, engine, config.kv_transfer)
         return (worker_id, engine, config.kv_transfer, config.kv_host)
 

@@ -85,6 +85,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--kv-host", default="127.0.0.1", help="where decode workers accept KV (0.0.0.0: any)"
     )
+    group.add_argument(
+        "--prefill-max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="the prefill workers' tokens per engine step (default: --max-num-batched-tokens)",
+    )
 
     group = parser.add_argument_group("dispatch")
     group.add_argument(
@@ -207,6 +213,7 @@ def build_backend(args: argparse.Namespace, engine: EngineConfig) -> ClusterBack
             decode_accelerator_type=args.decode_accelerator_type,
             num_gpus_per_worker=num_gpus,
             kv_host=args.kv_host,
+            prefill_max_num_batched_tokens=args.prefill_max_num_batched_tokens,
             max_num_workers=None
             if planner is None
             else planner.max_decode + (0 if args.colocated else planner.max_prefill),
