@@ -103,10 +103,6 @@ class ClusterConfig:
                     "prefill_max_num_batched_tokens must be positive, got "
                     f"{self.prefill_max_num_batched_tokens}"
                 )
-            # Checked as the prefill workers' scheduler config, before any worker starts.
-            replace(
-                self.engine.scheduler, max_num_batched_tokens=self.prefill_max_num_batched_tokens
-            )
         if self.max_num_workers is not None and self.max_num_workers < 1:
             raise ValueError(f"max_num_workers must be at least 1, got {self.max_num_workers}")
 

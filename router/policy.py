@@ -166,14 +166,16 @@ class PairingPolicy:
         else:
             threshold = self.config.local_prefill_threshold
             short = self.config.enable_local_prefill and num_uncached <= threshold
-            prefill, reason, num_cached_blocks = self._choose_prefill(block_hashes, prefill_workers)
-            # D's share of local prefills is taken: P prefills it, unless P would compute
-            # more than that share beyond what D would (D holds a prefix P does not).
-            num_uncached_on_prefill = num_prompt_tokens - num_cached_blocks * block_size
-            if short and (
-                num_uncached + decode.num_local_prefill_tokens <= threshold
-                or num_uncached_on_prefill - num_uncached > threshold
-            ):
+            local = short and num_uncached + decode.num_local_prefill_tokens <= threshold
+            if not local:
+                prefill, reason, num_cached_blocks = self._choose_prefill(
+                    block_hashes, prefill_workers
+                )
+                # D's share of local prefills is taken: P prefills it, unless P would compute
+                # more than that share beyond what D would (D holds a prefix P does not).
+                num_uncached_on_prefill = num_prompt_tokens - num_cached_blocks * block_size
+                local = short and num_uncached_on_prefill - num_uncached > threshold
+            if local:
                 decision = PairingDecision(
                     decode.worker_id,
                     None,

@@ -341,9 +341,6 @@ class ClusterBackend:
             )
         except WorkerDiedError as error:
             raise _AttemptFailed("prefill_died", prefill, died=True) from error
-        inflight = self._inflight.get(request_id)
-        if inflight is not None:
-            inflight.prefilling = False
         # Until P's sender is acknowledged, P's death or a failed transfer ends the attempt
         # even though D, still waiting for the KV, would only notice when the lease ends.
         transfer = asyncio.ensure_future(self._watch_transfer(prefill, worker_request_id))
