@@ -23,6 +23,7 @@ tokenizer files of pdserve-tiny.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -152,12 +153,13 @@ def start_pdserve(
     extra_args: tuple[str, ...] = (),
     num_threads: int = 1,
     extra_env: dict[str, str] | None = None,
-    cwd: Path = REPO_ROOT,
+    checkout: str | None = None,
 ) -> ServerProcess:
     """``pdserve serve`` on 127.0.0.1:``port`` (1P1D over gRPC by default), CPU, float32;
-    ``extra_env`` on top of ``server_env``. Another checkout's server: ``PYTHONPATH`` and
-    ``cwd`` both that checkout (Ray puts the driver's working directory first on its
-    workers' ``sys.path``)."""
+    ``extra_env`` on top of ``server_env``. ``checkout``: another pdserve tree's server
+    (router and workers) with this venv's packages: ``PYTHONPATH`` and the working directory
+    both that tree (Ray puts the driver's working directory first on its workers'
+    ``sys.path``)."""
     command = [
         str(Path(sys.executable).parent / "pdserve"),
         "serve",
@@ -183,7 +185,31 @@ def start_pdserve(
         else f"pdserve {num_prefill}P{num_decode}D"
     )
     env = server_env(num_threads, **(extra_env or {}))
-    return _launch(name, command, port, log_path, env, cwd)
+    if checkout is None:
+        return _launch(name, command, port, log_path, env)
+    env["PYTHONPATH"] = checkout
+    return _launch(name, command, port, log_path, env, Path(checkout))
+
+
+def compared_trees(
+    parser: argparse.ArgumentParser, compare_with: Path | None
+) -> dict[str, str | None]:
+    """``{"this": None}``, plus ``"other"``: the checkout of ``--compare-with`` (its path,
+    for ``start_pdserve(checkout=...)``); a folder that is not a pdserve tree is a usage
+    error."""
+    trees: dict[str, str | None] = {"this": None}
+    if compare_with is not None:
+        if not (compare_with / "router" / "api.py").is_file():
+            parser.error(f"{compare_with} is not a pdserve checkout")
+        trees["other"] = str(compare_with.resolve())
+    return trees
+
+
+def tree_order(trees: dict[str, str | None], round_index: int) -> list[tuple[str, str | None]]:
+    """The trees in the order round ``round_index`` runs them: which goes first alternates,
+    so both meet the same machine load."""
+    order = list(trees.items())
+    return order[::-1] if round_index % 2 else order
 
 
 def start_vllm(

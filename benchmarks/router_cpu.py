@@ -42,15 +42,16 @@ from pathlib import Path
 
 from benchmarks._servers import (
     LOG_DIR,
-    REPO_ROOT,
     RESULTS_DIR,
     ServerRun,
+    compared_trees,
     fmt,
     format_table,
     free_port,
     machine_info,
     run_on_server,
     start_pdserve,
+    tree_order,
 )
 from benchmarks.serving.config import BenchConfig
 from benchmarks.serving.workloads import WorkloadConfig
@@ -94,15 +95,8 @@ def _per_token(run: ServerRun, index: int) -> tuple[float, float]:
 
 def measure(mode: str, pythonpath: str | None, args: argparse.Namespace, seed: int) -> dict:
     """One server of the tree at ``pythonpath`` (None: this one) in ``mode``: its figures."""
-    extra = {"PYTHONPATH": pythonpath} if pythonpath else {}
     log = LOG_DIR / f"router_cpu_{mode}_{'other' if pythonpath else 'this'}.log"
-    server = start_pdserve(
-        free_port(),
-        log,
-        colocated=mode == "colocated",
-        extra_env=extra,
-        cwd=Path(pythonpath) if pythonpath else REPO_ROOT,
-    )
+    server = start_pdserve(free_port(), log, colocated=mode == "colocated", checkout=pythonpath)
     base = BenchConfig(progress=False)
     n = args.num_prompts
     benches = [  # fresh prompts for every run: no prefix-cache hits between them
@@ -155,19 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--modes takes 1p1d and/or colocated")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    trees: dict[str, str | None] = {"this": None}
-    if args.compare_with is not None:
-        if not (args.compare_with / "router" / "api.py").is_file():
-            parser.error(f"{args.compare_with} is not a pdserve checkout")
-        trees["other"] = str(args.compare_with.resolve())
+    trees = compared_trees(parser, args.compare_with)
 
     runs: list[dict] = []
     for round_index in range(args.rounds):
         for mode in modes:
-            order = list(trees.items())
-            if round_index % 2:  # alternate which tree goes first
-                order.reverse()
-            for tree, pythonpath in order:
+            for tree, pythonpath in tree_order(trees, round_index):
                 seed = 1000 * round_index
                 figures = measure(mode, pythonpath, args, seed)
                 runs.append({"round": round_index, "mode": mode, "tree": tree, **figures})

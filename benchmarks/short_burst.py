@@ -37,11 +37,12 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks._servers import (
     LOG_DIR,
-    REPO_ROOT,
     RESULTS_DIR,
+    compared_trees,
     fmt,
     format_table,
     free_port,
@@ -49,6 +50,7 @@ from benchmarks._servers import (
     model_path,
     start_pdserve,
     stop_server,
+    tree_order,
     wait_ready,
 )
 
@@ -96,14 +98,14 @@ async def _stream(
 
 
 def _decisions(base_url: str) -> dict[str, float]:
+    """``pdserve_prefill_decisions_total`` by decision (``local`` / ``remote``), all reasons."""
+    totals = {"local": 0.0, "remote": 0.0}
     text = httpx.get(base_url + "/metrics", timeout=10.0).text
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("pdserve_prefill_decisions_total{"):
-            labels, _, value = line.rpartition(" ")
-            decision = labels.split('decision="')[1].split('"')[0]
-            out[decision] = out.get(decision, 0.0) + float(value)
-    return out
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "pdserve_prefill_decisions_total":
+                totals[sample.labels["decision"]] += sample.value
+    return totals
 
 
 async def _run(base_url: str, model: str, args: argparse.Namespace, seed: int) -> dict:
@@ -150,22 +152,15 @@ async def _run(base_url: str, model: str, args: argparse.Namespace, seed: int) -
         "burst_ttft_p50_ms": statistics.median(ttfts) * 1e3,
         "burst_ttft_max_ms": ttfts[-1] * 1e3,
         "burst_s": burst_end - burst_start,
-        "decisions": {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("local", "remote")},
+        "decisions": {k: after[k] - before[k] for k in after},
     }
 
 
 def measure(pythonpath: str | None, args: argparse.Namespace, seed: int) -> dict:
     """One 1P1D server of the tree at ``pythonpath`` (None: this one): its figures."""
-    extra = {"PYTHONPATH": pythonpath} if pythonpath else {}
     log = LOG_DIR / f"short_burst_{'other' if pythonpath else 'this'}.log"
     model = model_path(args.model)
-    server = start_pdserve(
-        free_port(),
-        log,
-        model=model,
-        extra_env=extra,
-        cwd=Path(pythonpath) if pythonpath else REPO_ROOT,
-    )
+    server = start_pdserve(free_port(), log, model=model, checkout=pythonpath)
     try:
         wait_ready(server, args.ready_timeout_s)
         return asyncio.run(_run(server.base_url, model, args, seed))
@@ -189,18 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.rounds < 1 or args.num_long < 1 or args.num_short < 1:
         parser.error("--rounds, --num-long and --num-short must be at least 1")
-    trees: dict[str, str | None] = {"this": None}
-    if args.compare_with is not None:
-        if not (args.compare_with / "router" / "api.py").is_file():
-            parser.error(f"{args.compare_with} is not a pdserve checkout")
-        trees["other"] = str(args.compare_with.resolve())
+    trees = compared_trees(parser, args.compare_with)
 
     runs: list[dict] = []
     for round_index in range(args.rounds):
-        order = list(trees.items())
-        if round_index % 2:  # alternate which tree goes first
-            order.reverse()
-        for tree, pythonpath in order:
+        for tree, pythonpath in tree_order(trees, round_index):
             figures = measure(pythonpath, args, seed=round_index)
             runs.append({"round": round_index, "tree": tree, **figures})
             logger.info("%s round %d: %s", tree, round_index, figures)
