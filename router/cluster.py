@@ -31,6 +31,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -126,6 +127,9 @@ class Cluster:
         self._next_index = {"prefill": 0, "decode": 0}  # ids are never reused
         # Pairing and joining happen under it: two workers joining at once pair with each other.
         self._joining = asyncio.Lock()
+        # Told of each worker that joins the serving lists (added, or a replacement): the
+        # router's stats refresh asks it now, not at its next idle poll.
+        self.on_join: Callable[[WorkerClient], None] | None = None
 
     def worker(self, worker_id: str) -> WorkerClient:
         for handle in self.prefill + self.decode + self.draining:
@@ -207,6 +211,7 @@ class Cluster:
             async with self._joining:
                 await self._pair_new(handle)
                 group.append(handle)
+                self._joined(handle)
         except BaseException:
             handle.shutdown()
             raise
@@ -236,6 +241,10 @@ class Cluster:
         except Exception as error:
             logger.warning("shutting down %s failed: %s", worker_id, error)
         logger.info("%s removed: %d prefill, %d decode", worker_id, *self._counts())
+
+    def _joined(self, handle: WorkerClient) -> None:
+        if self.on_join is not None:
+            self.on_join(handle)
 
     def _counts(self) -> tuple[int, int]:
         return len(self.prefill), len(self.decode)
@@ -349,6 +358,7 @@ class Cluster:
                         continue
                     await self._pair_new(new)
                     group[group.index(handle)] = new
+                    self._joined(new)
                     replaced.append(handle.worker_id)
         return replaced
 

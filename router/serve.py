@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -271,6 +272,30 @@ def make_server(app: FastAPI, config: uvicorn.Config, drain_timeout_s: float) ->
     class DrainingServer(uvicorn.Server):
         drain_started = False
         drain_task: asyncio.Task | None = None
+        _should_exit = False
+        _exit_wanted: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+
+        @property  # type: ignore[override]
+        def should_exit(self) -> bool:
+            return self._should_exit
+
+        @should_exit.setter
+        def should_exit(self, value: bool) -> None:
+            self._should_exit = value
+            if value and self._exit_wanted is not None:  # wake main_loop (signal-safe)
+                loop, event = self._exit_wanted
+                loop.call_soon_threadsafe(event.set)
+
+        async def main_loop(self) -> None:
+            """uvicorn's, waking once a second (its Date header's resolution) instead of ten
+            times to look at ``should_exit``, and at once when it is set: an idle router's
+            wake-ups cost ~0.1-0.3 ms of CPU each on this project's 2-core VMs."""
+            self._exit_wanted = (asyncio.get_running_loop(), asyncio.Event())
+            counter = 0  # on_tick refreshes the Date header when counter % 10 == 0
+            while not await self.on_tick(counter):
+                counter = (counter + 10) % 864000
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._exit_wanted[1].wait(), 1.0)
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             if self.drain_started or sig not in (signal.SIGTERM, signal.SIGINT):

@@ -121,3 +121,54 @@ def test_a_worker_that_fails_its_poll_or_dies_drops_out_until_it_answers():
     backend.cluster.worker = lambda worker_id: decode
     backend._worker_died(decode)  # type: ignore[arg-type]
     assert decode.pushed_stats is None and "decode-0" not in backend.worker_stats()
+
+
+async def _until(predicate, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_the_refresh_rests_while_the_cluster_does_and_wakes_for_a_request(monkeypatch):
+    monkeypatch.setattr(cluster_module, "IDLE_STATS_INTERVAL_S", 3.0)
+    backend, prefill, decode = _backend()
+    backend.config = replace(backend.config, stats_interval_s=0.01)
+
+    async def scenario() -> None:
+        await backend.refresh_stats()
+        now = time.monotonic()
+        assert 2.0 < backend._rest_s(now) <= 3.0  # both idle and just asked
+        loop = asyncio.create_task(backend._stats_loop())
+        try:
+            await asyncio.sleep(0.3)  # 30 of its intervals: none while resting
+            assert (prefill.polls, decode.polls) == (1, 1)
+
+            joined = Client("decode-1", "decode")
+            backend.cluster.decode.append(joined)
+            backend.cluster.on_join(joined)  # what Cluster does when a worker joins
+            await _until(lambda: joined.polls == 1, timeout_s=2.0)  # asked now, not in 3 s
+            assert (prefill.polls, decode.polls) == (1, 1)  # the others still rest
+            await asyncio.sleep(0.3)
+            assert joined.polls == 1  # then it rests too
+
+            backend._inflight["r1"] = _InFlight(decode, None, "r1")  # type: ignore[arg-type]
+            assert backend._rest_s(time.monotonic()) is None
+            backend._stats_wanted.set()  # what generate() does with a new request
+            await _until(lambda: decode.polls >= 3)  # every interval while it is on D
+            assert prefill.polls == 1  # P has no request: still resting
+
+            del backend._inflight["r1"]  # done; D's last answer showed it idle
+            await _until(lambda: backend._rest_s(time.monotonic()) is not None)
+            polls = decode.polls
+            await asyncio.sleep(0.3)
+            assert decode.polls == polls  # resting again
+
+            decode.current = _stats("decode-0", "decode", num_running=1)
+            await _until(lambda: decode.polls >= polls + 1)  # its idle poll came due
+            assert backend._rest_s(time.monotonic()) is None  # its answer: busy
+            await _until(lambda: decode.polls >= polls + 4)  # so, every interval again
+        finally:
+            loop.cancel()
+
+    asyncio.run(scenario())
