@@ -127,9 +127,9 @@ class Cluster:
         self._next_index = {"prefill": 0, "decode": 0}  # ids are never reused
         # Pairing and joining happen under it: two workers joining at once pair with each other.
         self._joining = asyncio.Lock()
-        # Told of each worker that joins the serving lists (added, or a replacement): the
+        # Called when a worker joins the serving lists (added, or a replacement): the
         # router's stats refresh asks it now, not at its next idle poll.
-        self.on_join: Callable[[WorkerClient], None] | None = None
+        self.on_join: Callable[[], None] | None = None
 
     def worker(self, worker_id: str) -> WorkerClient:
         for handle in self.prefill + self.decode + self.draining:
@@ -211,7 +211,7 @@ class Cluster:
             async with self._joining:
                 await self._pair_new(handle)
                 group.append(handle)
-                self._joined(handle)
+                self._joined()
         except BaseException:
             handle.shutdown()
             raise
@@ -242,9 +242,9 @@ class Cluster:
             logger.warning("shutting down %s failed: %s", worker_id, error)
         logger.info("%s removed: %d prefill, %d decode", worker_id, *self._counts())
 
-    def _joined(self, handle: WorkerClient) -> None:
+    def _joined(self) -> None:
         if self.on_join is not None:
-            self.on_join(handle)
+            self.on_join()
 
     def _counts(self) -> tuple[int, int]:
         return len(self.prefill), len(self.decode)
@@ -358,7 +358,7 @@ class Cluster:
                         continue
                     await self._pair_new(new)
                     group[group.index(handle)] = new
-                    self._joined(new)
+                    self._joined()
                     replaced.append(handle.worker_id)
         return replaced
 

@@ -163,7 +163,7 @@ class ClusterBackend:
         # Set when the cluster may stop resting (a request arrived, a worker joined): the
         # stats refresh runs now and then every ``stats_interval_s`` again.
         self._stats_wanted = asyncio.Event()
-        cluster.on_join = lambda _: self._stats_wanted.set()
+        cluster.on_join = self._stats_wanted.set
         self.planner: PlannerLoop | None = None  # --planner: started with the backend
 
     # -- lifecycle ---------------------------------------------------------------------

@@ -146,7 +146,7 @@ def test_the_refresh_rests_while_the_cluster_does_and_wakes_for_a_request(monkey
 
             joined = Client("decode-1", "decode")
             backend.cluster.decode.append(joined)
-            backend.cluster.on_join(joined)  # what Cluster does when a worker joins
+            backend.cluster.on_join()  # what Cluster does when a worker joins
             await _until(lambda: joined.polls == 1, timeout_s=2.0)  # asked now, not in 3 s
             assert (prefill.polls, decode.polls) == (1, 1)  # the others still rest
             await asyncio.sleep(0.3)
