@@ -4,13 +4,16 @@ For each model and decode batch size: the median time of an engine step that dec
 ``batch`` sequences (128-token prompts, already prefilled), with the projections through
 ``F.linear`` (``--linear-backend torch``), through oneDNN's prepacked GEMM for every row
 count (what ``onednn`` did before single rows took the plain weight), as ``onednn`` does
-now (a single row through ``F.linear``), and as ``onednn`` with the norms, residual adds and
-rotary embedding as torch ops instead of the C++ layer ops (``torch-layer-ops``). The
+now (up to 8 rows through ``cpu_layer_ops.small_linear``), as it did before that (a single
+row through ``F.linear``, more through oneDNN: ``no-small-linear``), and as ``onednn`` with
+the norms, residual adds and rotary embedding as torch ops instead of the C++ layer ops
+(``torch-layer-ops``). The
 engines run in turn, ``--rounds`` times each, so the machine's drift hits them alike. One
 torch thread, as the serving workers run.
 
     .venv/bin/python -m benchmarks.decode_step_cpu --models tiny,dummy-100m,smollm2
     .venv/bin/python -m benchmarks.decode_step_cpu --variants onednn,torch-layer-ops
+    .venv/bin/python -m benchmarks.decode_step_cpu --variants onednn,no-small-linear
 
 Writes ``benchmarks/results/decode_step_cpu.json``.
 """
@@ -32,18 +35,26 @@ from engine.llm import LLM
 from engine.models.layers import PackedLinear
 from engine.sampling_params import SamplingParams
 
-# name -> (linear_backend, PackedLinear.single_row_plain, C++ layer ops)
+# name -> (linear_backend, PackedLinear.single_row_plain, C++ layer ops, small_linear)
 VARIANTS = {
-    "torch": ("torch", True, True),
-    "onednn-every-row": ("onednn", False, True),
-    "onednn": ("onednn", True, True),
-    "torch-layer-ops": ("onednn", True, False),
+    "torch": ("torch", True, True, True),
+    "onednn-every-row": ("onednn", False, True, False),
+    "onednn": ("onednn", True, True, True),
+    "no-small-linear": ("onednn", True, True, False),
+    "torch-layer-ops": ("onednn", True, False, False),
 }
 
 
-def _engine(model: str, linear_backend: str, layer_ops: bool, batch: int, vocab_limit: int):
+def _engine(
+    model: str,
+    linear_backend: str,
+    layer_ops: bool,
+    small_linear: bool,
+    batch: int,
+    vocab_limit: int,
+):
     engine = LLM(model, device="cpu", dtype="float32", linear_backend=linear_backend).engine
-    engine.runner.model.use_cpu_layer_ops(layer_ops and cpu_ops_available())
+    engine.runner.model.use_cpu_layer_ops(layer_ops and cpu_ops_available(), small_linear)
     rng = random.Random(0)
     for i in range(batch):
         prompt = [rng.randrange(100, vocab_limit) for _ in range(128)]
@@ -59,8 +70,8 @@ def measure(
 ) -> dict[str, float]:
     engines = {}
     for name in variants:
-        backend, _, layer_ops = VARIANTS[name]
-        engines[name] = _engine(model, backend, layer_ops, batch, vocab_limit=2000)
+        backend, _, layer_ops, small_linear = VARIANTS[name]
+        engines[name] = _engine(model, backend, layer_ops, small_linear, batch, vocab_limit=2000)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, engine in engines.items():

@@ -1,4 +1,5 @@
-"""CPU projections: torch's ``F.linear`` against the oneDNN-prepacked GEMM. One run.
+"""CPU projections: torch's ``F.linear`` against the oneDNN-prepacked GEMM and, for a few
+rows, ``cpu_layer_ops.small_linear``. One run.
 
 Every projection shape of the ~100M dummy Llama (hidden 768, 12/4 heads, MLP 2048, vocab
 32000 and the serving comparison's 2048) and of SmolLM2-135M (hidden 576, 9/3 heads, MLP
@@ -6,7 +7,13 @@ Every projection shape of the ~100M dummy Llama (hidden 768, 12/4 heads, MLP 204
 decode batch up to a prefill step). Median of repeated calls, same inputs, one after the
 other. Also the relative error of the packed result against ``F.linear``.
 
+By default a weight is read from the cache after the first call, which a decode step never
+does (its weights are many times the L3). ``--cold`` cycles through copies of each weight
+(at least 256 MB of them), so every call reads its weight from memory, as in a step.
+
     .venv/bin/python -m benchmarks.linear_cpu
+    .venv/bin/python -m benchmarks.linear_cpu --cold --rows 1,2,4,8 \
+        --out benchmarks/results/linear_cpu_small_rows.json
 
 Writes ``benchmarks/results/linear_cpu.json``.
 """
@@ -14,7 +21,9 @@ Writes ``benchmarks/results/linear_cpu.json``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import time
 from pathlib import Path
 
@@ -22,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._servers import RESULTS_DIR, machine_info
-from engine.models.layers import PackedLinear
+from engine.kernels import cpu_layer_ops
+from engine.kernels.cpu_paged_decode import is_available as cpu_ops_available
 
 # (model, projection) -> (out_features, in_features)
 SHAPES = {
@@ -38,7 +48,8 @@ SHAPES = {
     ("smollm2", "down"): (576, 1536),
     ("smollm2", "logits"): (49152, 576),
 }
-ROWS = (1, 4, 8, 32, 64, 256, 2048)
+ROWS = "1,4,8,32,64,256,2048"
+COLD_BYTES = 256 << 20
 
 
 def _median_s(fn, budget_s: float) -> float:
@@ -53,45 +64,72 @@ def _median_s(fn, budget_s: float) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _onednn(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+def _small(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return cpu_layer_ops.small_linear(x, weight, None)
+
+
+def _cycle(fn, x: torch.Tensor, weights: list[torch.Tensor]):
+    """``fn(x, weight)`` with the next copy of the weight each call: cold when there are many."""
+    copies = itertools.cycle(weights)
+    return lambda: fn(x, next(copies))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budget-s", type=float, default=0.3, help="per measurement")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "linear_cpu.json")
+    parser.add_argument("--rows", default=ROWS)
+    parser.add_argument("--cold", action="store_true", help="read every weight from memory")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    small_rows = cpu_layer_ops.small_linear_rows_limit() if cpu_ops_available() else 0
     gen = torch.Generator().manual_seed(0)
     rows_out = []
     print(
-        f"{'model':11} {'proj':13} {'rows':>5} {'F.linear ms':>12} {'oneDNN ms':>10} {'speedup':>8}"
+        f"{'model':11} {'proj':13} {'rows':>5} {'F.linear ms':>12} {'oneDNN ms':>10} "
+        f"{'speedup':>8} {'small_linear ms':>16}"
     )
     with torch.inference_mode():
         for (model, proj), (out_features, in_features) in SHAPES.items():
             weight = torch.randn(out_features, in_features, generator=gen) * 0.02
-            packed = PackedLinear(weight, None)
-            for rows in ROWS:
+            copies = math.ceil(COLD_BYTES / (weight.numel() * 4)) if args.cold else 1
+            weights = [weight] + [weight.clone() for _ in range(copies - 1)]
+            packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
+
+            for rows in map(int, args.rows.split(",")):
                 if rows > 256 and out_features > 8192:
                     continue  # logits are computed for sampled rows only
                 x = torch.randn(rows, in_features, generator=gen)
-                torch_s = _median_s(lambda x=x, w=weight: F.linear(x, w), args.budget_s)
-                onednn_s = _median_s(lambda x=x, p=packed: p(x), args.budget_s)
+                torch_s = _median_s(_cycle(F.linear, x, weights), args.budget_s)
+                onednn_s = _median_s(_cycle(_onednn, x, packed), args.budget_s)
+                small_s = None
+                if rows <= small_rows:
+                    small_s = _median_s(_cycle(_small, x, weights), args.budget_s)
                 ref = F.linear(x, weight)
-                err = ((packed(x) - ref).abs().max() / ref.abs().max()).item()
+                err = (_onednn(x, packed[0]) - ref).abs().max().item()
                 row = {
                     "model": model,
                     "projection": proj,
                     "out_features": out_features,
                     "in_features": in_features,
                     "rows": rows,
+                    "cold": args.cold,
                     "f_linear_ms": round(torch_s * 1e3, 4),
                     "onednn_ms": round(onednn_s * 1e3, 4),
                     "speedup": round(torch_s / onednn_s, 2),
-                    "rel_err": err,
+                    "small_linear_ms": None if small_s is None else round(small_s * 1e3, 4),
+                    "rel_err": err / ref.abs().max().item(),
                 }
                 rows_out.append(row)
+                small_cell = "" if small_s is None else f"{small_s * 1e3:16.3f}"
                 print(
                     f"{model:11} {proj:13} {rows:5d} {row['f_linear_ms']:12.3f} "
-                    f"{row['onednn_ms']:10.3f} {row['speedup']:8.2f}",
+                    f"{row['onednn_ms']:10.3f} {row['speedup']:8.2f} {small_cell}",
                     flush=True,
                 )
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 // The small per-layer ops of a decoder on the CPU, float32: RMSNorm (with the residual add
-// before it fused in) and the rotary embedding in place.
+// before it fused in), the rotary embedding in place, and the projections of a decode batch
+// of a few rows (small_linear, at the end).
 //
 // In torch each of them is several ops (RMSNorm: pow, mean, add, rsqrt, mul, mul; rotary:
 // two slices, a negation, a concatenation, two products and a sum), ~25 us apiece at a decode
@@ -16,6 +17,10 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 // Each product and sum rounded on its own, as torch's elementwise ops round them.
 #define ROUNDED __attribute__((optimize("fp-contract=off")))
@@ -141,3 +146,143 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t num_
                     sin_ptr + t * head_dim, half);
   });
 }
+
+// ---------------------------------------------------------------------------------------------
+// A projection of a few rows (a decode batch of up to kSmallLinearRows sequences):
+// y = x weight^T (+ bias), weight [out, in] in torch's own layout.
+//
+// With so few rows a projection is bound by reading its weight from memory. MKL's sgemm on
+// the plain weight rereads it for every few rows, and oneDNN's GEMM on its prepacked weight
+// has a blocking meant for more rows: on this project's AVX2 machine both stream a decode
+// step's weights at ~60-90% of the rate this loop does (benchmarks/linear_cpu.py). Here each
+// weight row is read once and multiplied into every row of x while it is in registers: a
+// block of NB weight rows against R rows of x keeps NB x R accumulators of 8 floats (at most
+// 8 of 16 AVX2 registers plus the loads). The sums run in 8 lanes and are added up at the
+// end, so a result differs from F.linear's by float32 rounding only.
+
+namespace {
+
+constexpr int64_t kSmallLinearRows = 8;
+constexpr int64_t kWeightRowsPerTask = 64;
+
+#if defined(__AVX2__) && defined(__FMA__)
+constexpr bool kSmallLinearVectorized = true;
+#define UNROLLED _Pragma("GCC unroll 16")
+
+inline float sum_lanes(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
+// Weight rows [begin, end) (`in` floats each) against R rows of x, over the first `in8`
+// (a multiple of 8) of their columns: y[r * out + n]. NB weight rows at a time, then the
+// rest one by one. Nothing else in the loop: a tail or a bias inside it made the compiler
+// spill accumulators (1.3x slower at eight rows); the caller adds them afterwards. The loops
+// over the block are unrolled by hand (UNROLLED): left to itself GCC kept the accumulator
+// array on the stack at eight rows, a store per FMA.
+template <int R, int NB>
+void small_linear_span(const float* x, int64_t x_stride, const float* w, int64_t in,
+                       int64_t in8, float* y, int64_t out, int64_t begin, int64_t end) {
+  int64_t n = begin;
+  for (; n + NB <= end; n += NB) {
+    const float* w_rows = w + n * in;
+    __m256 acc[NB][R];
+    UNROLLED for (int j = 0; j < NB; ++j)
+      UNROLLED for (int r = 0; r < R; ++r) acc[j][r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < in8; k += 8) {
+      __m256 wv[NB];
+      UNROLLED for (int j = 0; j < NB; ++j) wv[j] = _mm256_loadu_ps(w_rows + j * in + k);
+      UNROLLED for (int r = 0; r < R; ++r) {
+        const __m256 xv = _mm256_loadu_ps(x + r * x_stride + k);
+        UNROLLED for (int j = 0; j < NB; ++j) acc[j][r] = _mm256_fmadd_ps(xv, wv[j], acc[j][r]);
+      }
+    }
+    UNROLLED for (int j = 0; j < NB; ++j)
+      UNROLLED for (int r = 0; r < R; ++r) y[r * out + n + j] = sum_lanes(acc[j][r]);
+  }
+  if constexpr (NB > 1) {
+    if (n < end) small_linear_span<R, 1>(x, x_stride, w, in, in8, y, out, n, end);
+  }
+}
+#else
+constexpr bool kSmallLinearVectorized = false;  // correct, not fast: the model keeps oneDNN
+
+template <int R, int NB>
+void small_linear_span(const float* x, int64_t x_stride, const float* w, int64_t in,
+                       int64_t in8, float* y, int64_t out, int64_t begin, int64_t end) {
+  for (int64_t n = begin; n < end; ++n)
+    for (int r = 0; r < R; ++r) {
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = 0; k < in8; ++k) sum += x[r * x_stride + k] * w[n * in + k];
+      y[r * out + n] = sum;
+    }
+}
+#endif
+
+// One or two rows take four weight rows a block, three or four two, more one: the
+// accumulators (NB x R) stay within eight of the sixteen registers.
+template <int R>
+void small_linear_rows(const float* x, int64_t x_stride, const float* w, int64_t in,
+                       float* y, int64_t out) {
+  constexpr int NB = R <= 2 ? 4 : (R <= 4 ? 2 : 1);
+  const int64_t in8 = in - in % 8;
+  at::parallel_for(0, out, kWeightRowsPerTask, [&](int64_t begin, int64_t end) {
+    small_linear_span<R, NB>(x, x_stride, w, in, in8, y, out, begin, end);
+  });
+}
+
+}  // namespace
+
+// x [rows <= kSmallLinearRows, in] (rows may be strided, each contiguous), weight [out, in]
+// contiguous, bias [out] or None -> a new contiguous [rows, out].
+torch::Tensor small_linear(torch::Tensor x, torch::Tensor weight,
+                           std::optional<torch::Tensor> bias) {
+  TORCH_CHECK_VALUE(weight.device().is_cpu() && weight.scalar_type() == torch::kFloat32 &&
+                        weight.dim() == 2 && weight.is_contiguous(),
+                    "weight must be a contiguous float32 CPU [out, in], got ",
+                    weight.scalar_type(), " ", weight.sizes(), " on ", weight.device());
+  const int64_t out = weight.size(0), in = weight.size(1);
+  check_rows("x", x, in);
+  const int64_t rows = x.size(0);
+  TORCH_CHECK_VALUE(rows >= 1 && rows <= kSmallLinearRows, "small_linear takes 1 to ",
+                    kSmallLinearRows, " rows, got ", rows);
+  const float* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->device().is_cpu() && bias->scalar_type() == torch::kFloat32 &&
+                          bias->dim() == 1 && bias->size(0) == out && bias->is_contiguous(),
+                      "bias must be a contiguous float32 CPU [", out, "], got ",
+                      bias->scalar_type(), " ", bias->sizes());
+    bias_ptr = bias->data_ptr<float>();
+  }
+  auto y = torch::empty({rows, out}, x.options());
+  const float* x_ptr = x.data_ptr<float>();
+  const float* w_ptr = weight.data_ptr<float>();
+  float* y_ptr = y.data_ptr<float>();
+  const int64_t x_stride = x.stride(0);
+  switch (rows) {
+    case 1: small_linear_rows<1>(x_ptr, x_stride, w_ptr, in, y_ptr, out); break;
+    case 2: small_linear_rows<2>(x_ptr, x_stride, w_ptr, in, y_ptr, out); break;
+    case 3: small_linear_rows<3>(x_ptr, x_stride, w_ptr, in, y_ptr, out); break;
+    case 4: small_linear_rows<4>(x_ptr, x_stride, w_ptr, in, y_ptr, out); break;
+    case 5: small_linear_rows<5>(x_ptr, x_stride, w_ptr, in, y_ptr, out); break;
+    case 6: small_linear_rows<6>(x_ptr, x_stride, w_ptr, in, y_ptr, out); break;
+    case 7: small_linear_rows<7>(x_ptr, x_stride, w_ptr, in, y_ptr, out); break;
+    default: small_linear_rows<8>(x_ptr, x_stride, w_ptr, in, y_ptr, out); break;
+  }
+  if (in % 8 != 0 || bias_ptr != nullptr) {  // the columns past the last multiple of 8, the bias
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t n = 0; n < out; ++n) {
+        float sum = y_ptr[r * out + n];
+        for (int64_t k = in - in % 8; k < in; ++k)
+          sum += x_ptr[r * x_stride + k] * w_ptr[n * in + k];
+        y_ptr[r * out + n] = bias_ptr != nullptr ? sum + bias_ptr[n] : sum;
+      }
+  }
+  return y;
+}
+
+// Up to how many rows small_linear takes, and 0 where it was built without AVX2 and FMA
+// (then it is correct but slower than oneDNN, and the model does not use it).
+int64_t small_linear_rows_limit() { return kSmallLinearVectorized ? kSmallLinearRows : 0; }

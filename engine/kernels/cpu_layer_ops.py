@@ -1,5 +1,6 @@
 """A decoder layer's small ops on the CPU (float32) as single C++ ops: RMSNorm, the residual
-add fused into the RMSNorm after it, and the rotary embedding in place.
+add fused into the RMSNorm after it, the rotary embedding in place, and the projections of a
+decode batch of up to 8 rows (``small_linear``).
 
 In torch each is a handful of ops, ~25 us apiece for a decode batch on this project's
 machine whatever its size: on a small model that is more than its projections, and on a
@@ -9,6 +10,11 @@ rows, with Hugging Face's arithmetic in its order: the rotary embedding and the 
 are equal to the torch ops bit for bit, RMSNorm differs only in how its sum of squares is
 summed (a few float32 ulps). The references are ``engine.models.layers.RMSNorm`` and
 ``engine.models.rope.apply_rotary``.
+
+``small_linear`` is there for the opposite reason: with a few rows a projection is bound by
+reading its weight, and MKL (plain weight) and oneDNN (prepacked) both read it more slowly
+than one pass that multiplies each weight row into every row of x while it is in registers
+(``benchmarks/linear_cpu.py``). It differs from ``F.linear`` by float32 rounding only.
 
 The model uses them only on the CPU in float32 where the module builds
 (``engine.kernels.cpu_paged_decode.is_available``; ``LlamaForCausalLM.use_cpu_layer_ops``).
@@ -48,3 +54,18 @@ def rotary_(
     head_dim: int,
 ) -> None:
     load_extension().rotary_(x, cos, sin, num_heads, head_dim)
+
+
+def small_linear(
+    x: torch.Tensor,  # [rows <= small_linear_rows_limit(), in] float32, contiguous in its last dim
+    weight: torch.Tensor,  # [out, in] float32, contiguous (torch's nn.Linear layout)
+    bias: torch.Tensor | None,  # [out] float32
+) -> torch.Tensor:  # [rows, out], new: x @ weight.T + bias
+    """A projection of a decode batch of a few rows, reading each weight row once."""
+    return load_extension().small_linear(x, weight, bias)
+
+
+def small_linear_rows_limit() -> int:
+    """Up to how many rows ``small_linear`` beats oneDNN and MKL (8); 0 where the module was
+    built without AVX2 and FMA, where it is correct but slow."""
+    return load_extension().small_linear_rows_limit()

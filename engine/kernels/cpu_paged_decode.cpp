@@ -125,6 +125,9 @@ torch::Tensor add_rms_norm_(torch::Tensor residual, torch::Tensor delta, torch::
                             double eps);
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t num_heads,
              int64_t head_dim);
+torch::Tensor small_linear(torch::Tensor x, torch::Tensor weight,
+                           std::optional<torch::Tensor> bias);
+int64_t small_linear_rows_limit();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
@@ -132,4 +135,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm, CPU float32 (see cpu_layer_ops.cpp)");
   m.def("add_rms_norm_", &add_rms_norm_, "residual += delta, then RMSNorm, CPU float32");
   m.def("rotary_", &rotary_, "Rotary embedding in place, CPU float32");
+  m.def("small_linear", &small_linear, "x weight^T + bias for a few rows, CPU float32",
+        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
+  m.def("small_linear_rows_limit", &small_linear_rows_limit,
+        "Up to how many rows small_linear pays (0: built without AVX2/FMA)");
 }

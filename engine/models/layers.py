@@ -66,6 +66,10 @@ class PackedLinear(nn.Module):
     row takes the plain weight: the projections' weights are held twice. The packed weight is
     opaque (layout ``torch._mkldnn``): nothing else can read it, so pack only after the
     weights are loaded.
+
+    A decode batch of up to ``small_rows`` rows (set by the model's ``use_cpu_layer_ops``)
+    goes through ``cpu_layer_ops.small_linear`` on the plain weight instead, which reads it
+    faster than either library at those rows (``benchmarks/linear_cpu.py``).
     """
 
     single_row_plain = True  # False: one row too through oneDNN (benchmarks/decode_step_cpu.py)
@@ -80,12 +84,16 @@ class PackedLinear(nn.Module):
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)  # tied: not a copy
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.small_rows = 0  # up to this many rows through cpu_layer_ops.small_linear
 
     def forward(
         self,
         x: torch.Tensor,  # [num_tokens, in_features]
     ) -> torch.Tensor:  # [num_tokens, out_features]
-        if x.shape[0] == 1 and self.single_row_plain:
+        rows = x.shape[0]
+        if 0 < rows <= self.small_rows and x.stride(-1) == 1:
+            return cpu_layer_ops.small_linear(x, self.weight, self.bias)
+        if rows == 1 and self.single_row_plain:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 

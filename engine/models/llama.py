@@ -177,15 +177,19 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None  # an untied head's weight lives on only in packed_logits
         pack_linears(self)
 
-    def use_cpu_layer_ops(self, enabled: bool = True) -> None:
-        """Run the norms (with the residual adds) and the rotary embedding as the C++ ops of
+    def use_cpu_layer_ops(self, enabled: bool = True, small_linear: bool = True) -> None:
+        """Run the norms (with the residual adds), the rotary embedding and (``small_linear``)
+        the prepacked projections of decode batches of a few rows as the C++ ops of
         ``engine.kernels.cpu_layer_ops`` (CPU, float32; the caller checks they load), or as
         torch ops again (``enabled=False``)."""
+        small_rows = cpu_layer_ops.small_linear_rows_limit() if enabled and small_linear else 0
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.cpu_op = enabled
             elif isinstance(module, LlamaAttention):
                 module.cpu_rotary = enabled
+            elif isinstance(module, PackedLinear):
+                module.small_rows = small_rows
 
     @classmethod
     def args_from_hf_config(cls, hf_config: Any) -> LlamaArgs:

@@ -16,10 +16,11 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from engine.attention.torch_backend import TorchAttentionBackend
 from engine.config import ModelConfig
+from engine.kernels import cpu_layer_ops
 from engine.kernels.cpu_paged_decode import is_available as cpu_ops_available
 from engine.kv_cache import allocate_kv_caches
 from engine.loader import load_model
-from engine.models.layers import RMSNorm
+from engine.models.layers import PackedLinear, RMSNorm
 from engine.models.registry import (
     SUPPORTED_ARCHITECTURES,
     UnsupportedModelError,
@@ -116,12 +117,15 @@ def test_projections_prepacked_for_onednn_match_hf(family):
 @pytest.mark.skipif(not cpu_ops_available(), reason="the CPU ops do not build here")
 def test_cpu_layer_ops_match_hf(family):
     """The norms, residual adds and rotary embedding as C++ ops, with the projections
-    prepacked, as the model runner sets a float32 CPU model up."""
+    prepacked and the decode rows' projections (step 3: three rows) through small_linear,
+    as the model runner sets a float32 CPU model up."""
     _, path, hf_model, _ = family
     model, _ = load_model(ModelConfig(model=str(path)), TorchAttentionBackend(), CPU)
     model.pack_for_cpu()
     model.use_cpu_layer_ops()
     assert all(m.cpu_op for m in model.modules() if isinstance(m, RMSNorm))
+    small_rows = {m.small_rows for m in model.modules() if isinstance(m, PackedLinear)}
+    assert small_rows == {cpu_layer_ops.small_linear_rows_limit()}
     _check_chunked_prefill_and_decodes(hf_model, model)
 
 

@@ -1,12 +1,13 @@
-"""The CPU layer ops (RMSNorm, the residual add fused into it, the rotary embedding in place)
-against the torch ops they replace."""
+"""The CPU layer ops (RMSNorm, the residual add fused into it, the rotary embedding in place,
+the projection of a few rows) against the torch ops they replace."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engine.kernels import cpu_layer_ops
 from engine.kernels.cpu_paged_decode import is_available as cpu_ops_available
-from engine.models.layers import RMSNorm
+from engine.models.layers import PackedLinear, RMSNorm
 from engine.models.rope import apply_rotary
 
 pytestmark = pytest.mark.skipif(not cpu_ops_available(), reason="the CPU ops do not build here")
@@ -92,3 +93,58 @@ def test_bad_arguments_are_refused_before_anything_is_read():
         cpu_layer_ops.rotary_(x, cos[:, :31], sin[:, :31], 1, 31)
     with pytest.raises(ValueError, match="cos and sin must be contiguous"):
         cpu_layer_ops.rotary_(x, cos[:3], sin[:3], 2, 32)
+
+
+# Every row count the op takes (each picks its own block of weight rows), weight rows that
+# leave a remainder after every block size (97 = 4 * 24 + 1), and an input width that is and
+# one that is not a multiple of the 8 lanes (the tail is summed on its own).
+@pytest.mark.parametrize("rows", range(1, 9))
+@pytest.mark.parametrize("in_features", [768, 83])
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_linear_equals_f_linear(rows, in_features, bias):
+    gen = torch.Generator().manual_seed(rows * in_features + bias)
+    weight = torch.randn(97, in_features, generator=gen)
+    b = torch.randn(97, generator=gen) if bias else None
+    wide = torch.randn(rows, in_features + 5, generator=gen)
+    x = wide[:, 3 : 3 + in_features]  # strided rows, read in place
+    out = cpu_layer_ops.small_linear(x, weight, b)
+    assert out.shape == (rows, 97) and out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(
+    not cpu_ops_available() or cpu_layer_ops.small_linear_rows_limit() == 0,
+    reason="the module was built without AVX2/FMA: the model keeps oneDNN",
+)
+def test_packed_linear_takes_small_linear_up_to_its_limit_and_onednn_above(monkeypatch):
+    limit = cpu_layer_ops.small_linear_rows_limit()
+    gen = torch.Generator().manual_seed(0)
+    weight, b = torch.randn(64, 48, generator=gen), torch.randn(64, generator=gen)
+    layer = PackedLinear(weight, b)
+    layer.small_rows = limit
+    calls = []
+    real = cpu_layer_ops.small_linear
+    monkeypatch.setattr(
+        cpu_layer_ops, "small_linear", lambda *args: calls.append(len(args[0])) or real(*args)
+    )
+    for rows in (1, limit, limit + 1, 40):
+        x = torch.randn(rows, 48, generator=gen)
+        with torch.inference_mode():
+            torch.testing.assert_close(layer(x), F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
+    assert calls == [1, limit]
+
+
+def test_small_linear_refuses_bad_arguments():
+    weight = torch.randn(16, 32)
+    with pytest.raises(ValueError, match="1 to 8 rows, got 9"):
+        cpu_layer_ops.small_linear(torch.randn(9, 32), weight, None)
+    with pytest.raises(ValueError, match="1 to 8 rows, got 0"):
+        cpu_layer_ops.small_linear(torch.randn(0, 32), weight, None)
+    with pytest.raises(ValueError, match=r"x must be \[rows, 32\]"):
+        cpu_layer_ops.small_linear(torch.randn(2, 31), weight, None)
+    with pytest.raises(ValueError, match="weight must be a contiguous float32"):
+        cpu_layer_ops.small_linear(torch.randn(2, 16), weight.t(), None)
+    with pytest.raises(ValueError, match=r"bias must be a contiguous float32 CPU \[16\]"):
+        cpu_layer_ops.small_linear(torch.randn(2, 32), weight, torch.randn(15))
+    with pytest.raises(ValueError, match="float32 CPU"):
+        cpu_layer_ops.small_linear(torch.randn(2, 32).double(), weight, None)
