@@ -153,12 +153,14 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t num_
 //
 // With so few rows a projection is bound by reading its weight from memory. MKL's sgemm on
 // the plain weight rereads it for every few rows, and oneDNN's GEMM on its prepacked weight
-// has a blocking meant for more rows: on this project's AVX2 machine both stream a decode
-// step's weights at ~60-90% of the rate this loop does (benchmarks/linear_cpu.py). Here each
-// weight row is read once and multiplied into every row of x while it is in registers: a
-// block of NB weight rows against R rows of x keeps NB x R accumulators of 8 floats (at most
-// 8 of 16 AVX2 registers plus the loads). The sums run in 8 lanes and are added up at the
-// end, so a result differs from F.linear's by float32 rounding only.
+// has a blocking meant for more rows: on this project's AVX2 machine the faster of the two
+// takes 1.1-1.8x this loop's time on most projections of a decode step, cold
+// (benchmarks/linear_cpu.py --cold; SmolLM2's 49152-row logits at 1-4 rows the exception,
+// 0.9x), and whole steps of 1-8 rows are 5-34% shorter (benchmarks/decode_step_cpu.py).
+// Here each weight row is read once and multiplied into every row of x while it is in
+// registers: a block of NB weight rows against R rows of x keeps NB x R accumulators of 8
+// floats (at most 8 of 16 AVX2 registers plus the loads). The sums run in 8 lanes and are
+// added up at the end, so a result differs from F.linear's by float32 rounding only.
 
 namespace {
 
