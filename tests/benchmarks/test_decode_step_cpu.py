@@ -11,7 +11,7 @@ import torch
 
 from benchmarks import decode_step_cpu
 from engine.kernels.cpu_paged_decode import is_available as cpu_ops_available
-from engine.models.layers import RMSNorm
+from engine.models.layers import PackedLinear, RMSNorm
 
 
 def _main(monkeypatch, *args: str) -> None:
@@ -33,9 +33,13 @@ def test_writes_a_step_time_per_variant(tmp_path, monkeypatch):
     assert (row["model"], row["batch"]) == ("tiny", 2)
     assert sorted(row["step_ms"]) == sorted(variants)
     assert all(ms > 0 for ms in row["step_ms"].values())
-    for name, uses_ops in (("onednn", True), ("torch-layer-ops", False)):
-        model = decode_step_cpu._engine("pdserve-tiny", "onednn", uses_ops, 1, 2000).runner.model
+    for name in variants:
+        backend, _, uses_ops, small_linear = decode_step_cpu.VARIANTS[name]
+        engine = decode_step_cpu._engine("pdserve-tiny", backend, uses_ops, small_linear, 1, 2000)
+        model = engine.runner.model
         assert {m.cpu_op for m in model.modules() if isinstance(m, RMSNorm)} == {uses_ops}, name
+        routed = {m.small_rows > 0 for m in model.modules() if isinstance(m, PackedLinear)}
+        assert routed == {small_linear}, name
 
 
 def test_an_unknown_variant_is_refused(tmp_path, monkeypatch, capsys):
