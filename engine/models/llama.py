@@ -188,8 +188,8 @@ class LlamaForCausalLM(nn.Module):
                 module.cpu_op = enabled
             elif isinstance(module, LlamaAttention):
                 module.cpu_rotary = enabled
-            elif isinstance(module, PackedLinear):
-                module.small_rows = small_rows
+            elif isinstance(module, PackedLinear):  # the op reads the weight as [out, in]
+                module.small_rows = small_rows if module.weight.is_contiguous() else 0
 
     @classmethod
     def args_from_hf_config(cls, hf_config: Any) -> LlamaArgs:

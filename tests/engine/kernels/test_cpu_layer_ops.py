@@ -4,11 +4,18 @@ the projection of a few rows) against the torch ops they replace."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from engine.attention.torch_backend import TorchAttentionBackend
+from engine.config import ModelConfig
 from engine.kernels import cpu_layer_ops
 from engine.kernels.cpu_paged_decode import is_available as cpu_ops_available
+from engine.loader import load_model
 from engine.models.layers import PackedLinear, RMSNorm
 from engine.models.rope import apply_rotary
+from tests.helpers import make_hf_checkpoint
+
+CPU = torch.device("cpu")
 
 pytestmark = pytest.mark.skipif(not cpu_ops_available(), reason="the CPU ops do not build here")
 
@@ -132,6 +139,29 @@ def test_packed_linear_takes_small_linear_up_to_its_limit_and_onednn_above(monke
         with torch.inference_mode():
             torch.testing.assert_close(layer(x), F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
     assert calls == [1, limit]
+
+
+@pytest.mark.skipif(
+    not cpu_ops_available() or cpu_layer_ops.small_linear_rows_limit() == 0,
+    reason="the module was built without AVX2/FMA: the model keeps oneDNN",
+)
+def test_the_model_routes_small_batches_only_where_the_weight_is_plain_rows(tmp_path):
+    """A projection whose weight is not contiguous [out, in] keeps oneDNN for every row count
+    instead of failing the step."""
+    path = make_hf_checkpoint(tmp_path, "llama")
+    model, _ = load_model(ModelConfig(model=str(path)), TorchAttentionBackend(), CPU)
+    model.pack_for_cpu()
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    odd = layers[0]
+    odd.weight = nn.Parameter(odd.weight.t().contiguous().t(), requires_grad=False)
+    model.use_cpu_layer_ops()
+    assert odd.small_rows == 0
+    assert {m.small_rows for m in layers[1:]} == {cpu_layer_ops.small_linear_rows_limit()}
+    x = torch.randn(3, odd.in_features)
+    with torch.inference_mode():
+        torch.testing.assert_close(odd(x), F.linear(x, odd.weight, odd.bias))
+    model.use_cpu_layer_ops(enabled=False)
+    assert {m.small_rows for m in layers} == {0}
 
 
 def test_small_linear_refuses_bad_arguments():
