@@ -113,7 +113,8 @@ def measure(mode: str, pythonpath: str | None, args: argparse.Namespace, seed: i
     if run.error:
         raise RuntimeError(f"{server.name}: {run.error}")
     # A random-prompt request whose tokens never complete a UTF-8 character streams no text
-    # (likely at one output token); the load generator counts it failed, the router served it.
+    # (likely at one output token): the load generator counts it completed where usage says
+    # how many tokens it made, failed where not; the router served it either way.
     errors = [
         r.error for res in run.results for r in res.records if r.error not in ("", NO_CONTENT)
     ]

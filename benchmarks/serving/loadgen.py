@@ -7,7 +7,8 @@ releases request ``i`` at offset ``arrival_offsets[i]`` whether or not earlier o
 sent as one streamed HTTP request to any OpenAI-compatible server (pdserve, vLLM) on
 ``/v1/completions`` or ``/v1/chat/completions``, with ``max_tokens`` = its output length,
 ``ignore_eos`` and ``stream_options.include_usage``. The SSE stream is parsed line by line and
-every content chunk is timestamped as it arrives. Nothing is released at or after
+every content chunk is timestamped as it arrives (a stream that completes without text
+counts by its ``usage``: see ``metrics``). Nothing is released at or after
 ``time_limit`` seconds; requests still running then are cancelled (status ``cancelled``,
 left out of the latency statistics). The run's duration is from the first release to the last
 finish (or the time limit), and ``metrics.compute_metrics`` turns the records into results.
@@ -131,8 +132,8 @@ async def send_request(
         return
     if record.end_time is None:
         record.fail("stream ended without [DONE]")
-    elif not record.chunk_times:
-        record.fail("stream carried no content")
+    elif not record.chunk_times and not record.output_tokens:
+        record.fail("stream carried no content")  # and no usage saying it made tokens
     else:
         record.status = RequestStatus.OK
 

@@ -4,6 +4,10 @@ The load generator fills one ``RequestRecord`` per request; everything here is a
 those records and the benchmark duration. Definitions follow vLLM's ``benchmark_serving``:
 
 - **TTFT** (time to first token) = arrival of the first chunk carrying content - send time.
+  A stream that completed without any text (its tokens decode to nothing printable, as a
+  dummy-weight model's random tokens can; the server's ``usage`` says how many) showed its
+  reader nothing until the end: its TTFT is its end-to-end latency, it has no TPOT and no
+  ITL, and its tokens count like any other completed request's.
 - **TPOT** (time per output token, excluding the first) = (e2e - TTFT) / (output_tokens - 1),
   one value per request; undefined for 1-token outputs, which are left out of the TPOT
   statistics (and, as in vLLM, count as TPOT 0 when checking the TPOT SLO).
@@ -34,7 +38,7 @@ PERCENTILES = (50, 90, 99)
 
 class RequestStatus(enum.Enum):
     PENDING = "pending"  # scheduled, not finished yet
-    OK = "ok"  # the stream ended with [DONE] after at least one content chunk
+    OK = "ok"  # the stream ended with [DONE] after a content chunk or with usage's tokens
     FAILED = "failed"  # HTTP error, transport error, error event or malformed stream
     CANCELLED = "cancelled"  # cut off by the benchmark's time limit
 
@@ -75,8 +79,10 @@ class RequestRecord:
 
 
 def ttft(record: RequestRecord) -> float:
-    """Seconds from send to the first content chunk."""
-    assert record.send_time is not None and record.chunk_times, record
+    """Seconds from send to the first content chunk; to the end of a stream without text."""
+    if not record.chunk_times:
+        return e2e_latency(record)
+    assert record.send_time is not None, record
     return record.chunk_times[0] - record.send_time
 
 
@@ -87,9 +93,10 @@ def e2e_latency(record: RequestRecord) -> float:
 
 
 def tpot(record: RequestRecord) -> float | None:
-    """Seconds per output token after the first; ``None`` for outputs of one token."""
+    """Seconds per output token after the first; ``None`` for outputs of one token and for a
+    stream without text (no token's arrival was seen)."""
     num_tokens = record.num_output_tokens
-    if num_tokens <= 1:
+    if num_tokens <= 1 or not record.chunk_times:
         return None
     return (e2e_latency(record) - ttft(record)) / (num_tokens - 1)
 

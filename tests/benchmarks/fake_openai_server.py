@@ -39,7 +39,9 @@ class FakeServer:
     slow_down_per_active: bool = False  # token_delay is multiplied by the number of streams
     tokens_per_chunk: int = 1
     send_usage: bool = True  # honour stream_options.include_usage
-    fault: str | None = None  # "error_event", "no_done" or "no_content": a broken stream
+    # "error_event", "no_done" or "no_content": a broken stream; "no_text": a stream whose
+    # tokens decode to no text (no content chunk, usage counts them)
+    fault: str | None = None
     served: list[ServedRequest] = field(default_factory=list)
     active: int = 0
     peak_active: int = 0
@@ -76,7 +78,7 @@ def _make_app(server: FakeServer) -> FastAPI:
                 yield "\n\n"
             await asyncio.sleep(server.first_token_delay)
             sent = 0
-            while sent < num_tokens:
+            while sent < num_tokens and server.fault != "no_text":
                 if sent:
                     scale = server.active if server.slow_down_per_active else 1
                     await asyncio.sleep(server.token_delay * scale)

@@ -170,6 +170,23 @@ def test_broken_streams_fail_the_request(fake_server: FakeServer, fault: str, er
     assert result.metrics.failed == 4 and result.metrics.ttft is None
 
 
+def test_a_stream_without_text_counts_by_its_usage(fake_server: FakeServer) -> None:
+    # Tokens that decode to no text (a dummy model's random ids): the server made them and
+    # says so in usage; the request completed, its reader saw nothing until the end.
+    fake_server.fault = "no_text"
+    fake_server.first_token_delay = 0.05
+    result = run_benchmark(config_for(fake_server))
+    assert [r.status for r in result.records] == [RequestStatus.OK] * 4
+    assert all(not r.chunk_times and r.output_tokens == 5 for r in result.records)
+    assert (result.metrics.completed, result.metrics.total_output_tokens) == (4, 20)
+    assert result.metrics.ttft.median == pytest.approx(result.metrics.e2el.median)
+    assert result.metrics.ttft.median >= 50
+    assert result.metrics.tpot is None and result.metrics.itl is None
+    fake_server.send_usage = False  # then nothing says any token was made: failed
+    result = run_benchmark(config_for(fake_server))
+    assert [r.error for r in result.records] == ["stream carried no content"] * 4
+
+
 def test_chat_endpoint_times_content_not_the_role_chunk(
     fake_server: FakeServer, tiny_tokenizer_path: Path
 ) -> None:

@@ -52,6 +52,18 @@ def test_single_request_definitions() -> None:
     assert itls(r) == pytest.approx([0.05, 0.1, 0.05])
 
 
+def test_a_stream_without_text_waits_to_its_end() -> None:
+    # No content chunk, usage says 5 tokens: the reader saw nothing before the end.
+    silent = record(1.0, [], 1.5, output_tokens=5)
+    assert ttft(silent) == pytest.approx(e2e_latency(silent)) == pytest.approx(0.5)
+    assert tpot(silent) is None and itls(silent) == []
+    metrics = compute_metrics([silent, record(0.0, [0.1, 0.2], 0.3, output_tokens=2)], 2.0)
+    assert (metrics.completed, metrics.total_output_tokens) == (2, 7)
+    assert metrics.tpot.median == pytest.approx(200.0)  # the other request's only
+    assert not SLOConfig(slo_ttft_ms=400).is_met(silent)
+    assert SLOConfig(slo_ttft_ms=600, slo_tpot_ms=1).is_met(silent)
+
+
 def test_output_tokens_come_from_usage_else_chunk_count() -> None:
     # Three chunks carried six tokens (two per chunk): TPOT divides by 5, ITL has 2 gaps.
     with_usage = record(0.0, [0.2, 0.4, 0.6], 0.7, output_tokens=6)
