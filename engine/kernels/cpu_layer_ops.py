@@ -1,6 +1,6 @@
 """A decoder layer's small ops on the CPU (float32) as single C++ ops: RMSNorm, the residual
 add fused into the RMSNorm after it, the rotary embedding in place, and the projections of a
-decode batch of up to 8 rows (``small_linear``).
+decode batch of up to 64 rows (``small_linear``).
 
 In torch each is a handful of ops, ~25 us apiece for a decode batch on this project's
 machine whatever its size: on a small model that is more than its projections, and on a
@@ -14,7 +14,10 @@ summed (a few float32 ulps). The references are ``engine.models.layers.RMSNorm``
 ``small_linear`` is there for the opposite reason: with a few rows a projection is bound by
 reading its weight, and MKL (plain weight) and oneDNN (prepacked) both read it more slowly
 than one pass that multiplies each weight row into every row of x while it is in registers
-(``benchmarks/linear_cpu.py``). It differs from ``F.linear`` by float32 rounding only.
+(``benchmarks/linear_cpu.py``); up to 8 rows all at once, 9-64 in groups of three against
+blocks of four weight rows, each block read from memory once and from L1 by the other groups
+(decode steps at batches 12-64 0.84-0.93x on dummy-100m, 0.86-1.0x SmolLM2: RESULTS.md). It
+differs from ``F.linear`` by float32 rounding only.
 
 The model uses them only on the CPU in float32 where the module builds
 (``engine.kernels.cpu_paged_decode.is_available``; ``LlamaForCausalLM.use_cpu_layer_ops``).
@@ -61,11 +64,11 @@ def small_linear(
     weight: torch.Tensor,  # [out, in] float32, contiguous (torch's nn.Linear layout)
     bias: torch.Tensor | None,  # [out] float32
 ) -> torch.Tensor:  # [rows, out], new: x @ weight.T + bias
-    """A projection of a decode batch of a few rows, reading each weight row once."""
+    """A projection of a decode batch of up to 64 rows, reading the weight from memory once."""
     return load_extension().small_linear(x, weight, bias)
 
 
 def small_linear_rows_limit() -> int:
-    """Up to how many rows ``small_linear`` beats oneDNN and MKL (8); 0 where the module was
+    """Up to how many rows ``small_linear`` beats oneDNN and MKL (64); 0 where the module was
     built without AVX2 and FMA, where it is correct but slow."""
     return load_extension().small_linear_rows_limit()

@@ -102,10 +102,12 @@ def test_bad_arguments_are_refused_before_anything_is_read():
         cpu_layer_ops.rotary_(x, cos[:3], sin[:3], 2, 32)
 
 
-# Every row count the op takes (each picks its own block of weight rows), weight rows that
-# leave a remainder after every block size (97 = 4 * 24 + 1), and an input width that is and
-# one that is not a multiple of the 8 lanes (the tail is summed on its own).
-@pytest.mark.parametrize("rows", range(1, 9))
+# Every row count up to 8 (each picks its own block of weight rows), then groups of three
+# with none, one and two rows left over (9-12, 31, 32, 64: the most the op takes), weight rows
+# that leave a remainder after every block size (97 = 4 * 24 + 1, across a task boundary at
+# 64), and an input width that is and one that is not a multiple of the 8 lanes (the tail is
+# summed on its own).
+@pytest.mark.parametrize("rows", [*range(1, 13), 31, 32, 64])
 @pytest.mark.parametrize("in_features", [768, 83])
 @pytest.mark.parametrize("bias", [False, True])
 def test_small_linear_equals_f_linear(rows, in_features, bias):
@@ -134,11 +136,11 @@ def test_packed_linear_takes_small_linear_up_to_its_limit_and_onednn_above(monke
     monkeypatch.setattr(
         cpu_layer_ops, "small_linear", lambda *args: calls.append(len(args[0])) or real(*args)
     )
-    for rows in (1, limit, limit + 1, 40):
+    for rows in (1, 9, limit, limit + 1, 2 * limit):
         x = torch.randn(rows, 48, generator=gen)
         with torch.inference_mode():
             torch.testing.assert_close(layer(x), F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
-    assert calls == [1, limit]
+    assert calls == [1, 9, limit]
 
 
 @pytest.mark.skipif(
@@ -166,9 +168,9 @@ def test_the_model_routes_small_batches_only_where_the_weight_is_plain_rows(tmp_
 
 def test_small_linear_refuses_bad_arguments():
     weight = torch.randn(16, 32)
-    with pytest.raises(ValueError, match="1 to 8 rows, got 9"):
-        cpu_layer_ops.small_linear(torch.randn(9, 32), weight, None)
-    with pytest.raises(ValueError, match="1 to 8 rows, got 0"):
+    with pytest.raises(ValueError, match="1 to 64 rows, got 65"):
+        cpu_layer_ops.small_linear(torch.randn(65, 32), weight, None)
+    with pytest.raises(ValueError, match="1 to 64 rows, got 0"):
         cpu_layer_ops.small_linear(torch.randn(0, 32), weight, None)
     with pytest.raises(ValueError, match=r"x must be \[rows, 32\]"):
         cpu_layer_ops.small_linear(torch.randn(2, 31), weight, None)
