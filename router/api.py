@@ -63,6 +63,10 @@ from router.serving import AnyRequest, OpenAIServing
 logger = logging.getLogger(__name__)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away: metrics only
+# The line breaks of Python's str.splitlines() (and so of httpx's aiter_lines) that JSON
+# leaves raw: SSE ends a line at CR or LF only, but a client reading lines that way would cut
+# an event holding one of these in two. Escaped, the JSON means the same.
+_RAW_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 _ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat_completions"}
 
 T = TypeVar("T")
@@ -128,6 +132,13 @@ def to_api_error(error: BaseException, retry_after_s: int = 1) -> APIError:
         return APIError("The server failed to complete the request.", 500, "server_error")
     logger.error("unexpected error while serving a request", exc_info=error)
     return APIError("internal server error", 500, "server_error")
+
+
+def sse_event(data: str) -> str:
+    """One JSON document as one server-sent event, read as one line by every client."""
+    if not data.isascii():
+        data = data.translate(_RAW_LINE_BREAKS)
+    return f"data: {data}\n\n"
 
 
 def _error_response(error: APIError) -> JSONResponse:
@@ -344,12 +355,12 @@ def build_app(
             async with contextlib.aclosing(chunks):
                 try:
                     async for chunk in chunks:
-                        yield f"data: {chunk}\n\n"
+                        yield sse_event(chunk)
                     status = 200
                 except Exception as error:
                     api_error = to_api_error(error, config.retry_after_s)
                     status = api_error.status_code
-                    yield f"data: {api_error.to_response().model_dump_json()}\n\n"
+                    yield sse_event(api_error.to_response().model_dump_json())
             yield "data: [DONE]\n\n"
         finally:
             admission.release()

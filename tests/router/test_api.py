@@ -25,7 +25,7 @@ from engine.llm import LLM
 from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import load_tokenizer
-from router.api import RouterConfig, build_app
+from router.api import RouterConfig, build_app, sse_event
 from router.backends.colocated import ColocatedBackend
 from router.metrics import RouterMetrics
 
@@ -459,3 +459,17 @@ def test_timeout_and_concurrency_limit() -> None:
             )
         assert info.value.status_code == 504
         served.wait_until_idle()
+
+
+@pytest.mark.parametrize("text", ["a\u2028b", "\u2029", "x\x85y\\\u2028", "plain", "é \x0b\x1c"])
+def test_an_event_is_one_line_to_a_client_that_splits_at_unicode_line_breaks(text: str) -> None:
+    # httpx's aiter_lines (Python's str.splitlines) also ends a line at U+0085, U+2028 and
+    # U+2029, which JSON leaves raw: a model's text with one of them split the event in two
+    # and the client's JSON parse failed (seen in a SmolLM2 benchmark run).
+    chunk = json.dumps({"choices": [{"text": text}]}, ensure_ascii=False)
+    event = sse_event(chunk)
+    assert event.startswith("data: ") and event.endswith("\n\n")
+    transport = httpx.MockTransport(lambda _: httpx.Response(200, content=event.encode()))
+    with httpx.Client(transport=transport) as client, client.stream("GET", "http://x") as reply:
+        (line,) = [line for line in reply.iter_lines() if line]
+    assert json.loads(line.removeprefix("data: ")) == {"choices": [{"text": text}]}
