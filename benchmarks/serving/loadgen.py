@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -95,6 +96,20 @@ async def fetch_default_model(client: httpx.AsyncClient) -> str:
     return str(models[0]["id"])
 
 
+async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """The stream's lines, ended by LF or CR LF as SSE has them (a lone CR, which SSE allows
+    too, is not taken: no server measured here sends one). httpx's ``aiter_lines`` also ends a
+    line at U+0085, U+2028 and U+2029, which JSON may carry raw in a model's text: an event
+    would arrive in two pieces."""
+    pending = b""
+    async for data in response.aiter_bytes():
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:
+            yield line.removesuffix(b"\r").decode()
+    if pending:
+        yield pending.removesuffix(b"\r").decode()
+
+
 async def send_request(
     client: httpx.AsyncClient,
     endpoint: str,
@@ -110,7 +125,7 @@ async def send_request(
                 body = (await response.aread()).decode(errors="replace")
                 record.fail(f"HTTP {response.status_code}: {body[:500]}")
                 return
-            async for line in response.aiter_lines():
+            async for line in sse_lines(response):
                 now = time.perf_counter() - t0
                 if not line.startswith("data:"):
                     continue  # blank separators, SSE comments, event names

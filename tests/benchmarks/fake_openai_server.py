@@ -40,7 +40,8 @@ class FakeServer:
     tokens_per_chunk: int = 1
     send_usage: bool = True  # honour stream_options.include_usage
     # "error_event", "no_done" or "no_content": a broken stream; "no_text": a stream whose
-    # tokens decode to no text (no content chunk, usage counts them)
+    # tokens decode to no text (no content chunk, usage counts them); "raw_line_breaks": text
+    # with U+2028 and U+0085 left raw in its JSON (valid SSE, as a server may send it)
     fault: str | None = None
     served: list[ServedRequest] = field(default_factory=list)
     active: int = 0
@@ -84,13 +85,15 @@ def _make_app(server: FakeServer) -> FastAPI:
                     await asyncio.sleep(server.token_delay * scale)
                 n = min(server.tokens_per_chunk, num_tokens - sent)
                 text = "".join(f" t{sent + i}" for i in range(n))
+                raw = server.fault == "raw_line_breaks"
+                text += "\u2028\x85" if raw else ""
                 choice = {"delta": {"content": text}} if chat else {"text": text}
                 choice |= {
                     "index": 0,
                     "finish_reason": "length" if sent + n == num_tokens else None,
                 }
                 served.chunk_sent_at.append(time.perf_counter())
-                yield f"data: {json.dumps({'choices': [choice]})}\n\n"
+                yield f"data: {json.dumps({'choices': [choice]}, ensure_ascii=not raw)}\n\n"
                 sent += n
             wants_usage = (body.get("stream_options") or {}).get("include_usage")
             if server.send_usage and wants_usage:

@@ -187,6 +187,13 @@ def test_a_stream_without_text_counts_by_its_usage(fake_server: FakeServer) -> N
     assert [r.error for r in result.records] == ["stream carried no content"] * 4
 
 
+def test_raw_unicode_line_breaks_in_the_text_do_not_split_an_event(fake_server: FakeServer) -> None:
+    fake_server.fault = "raw_line_breaks"  # U+2028 and U+0085 unescaped in each chunk's JSON
+    result = run_benchmark(config_for(fake_server))
+    assert [r.status for r in result.records] == [RequestStatus.OK] * 4
+    assert all(len(r.chunk_times) == 5 for r in result.records)
+
+
 def test_chat_endpoint_times_content_not_the_role_chunk(
     fake_server: FakeServer, tiny_tokenizer_path: Path
 ) -> None:
