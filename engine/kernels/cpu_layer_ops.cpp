@@ -160,7 +160,7 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t num_
 // Here each weight row is read once and multiplied into every row of x while it is in
 // registers: a block of NB weight rows against R rows of x keeps NB x R accumulators of 8
 // floats (at most 8 of 16 AVX2 registers plus the loads up to 8 rows; 12 for the groups of
-// three rows that 9-64 rows go through, small_linear_groups, where steps are 7-16% shorter
+// three rows that 9-64 rows go through, small_linear_groups, where steps are 5-14% shorter
 // than with oneDNN). The sums run in 8 lanes and are added up at the end, so a result
 // differs from F.linear's by float32 rounding only.
 

@@ -16,7 +16,7 @@ reading its weight, and MKL (plain weight) and oneDNN (prepacked) both read it m
 than one pass that multiplies each weight row into every row of x while it is in registers
 (``benchmarks/linear_cpu.py``); up to 8 rows all at once, 9-64 in groups of three against
 blocks of four weight rows, each block read from memory once and from L1 by the other groups
-(decode steps at batches 12-64 0.84-0.93x on dummy-100m, 0.86-1.0x SmolLM2: RESULTS.md). It
+(decode steps at batches 12-64 0.89-0.95x on dummy-100m, 0.86-0.94x SmolLM2: RESULTS.md). It
 differs from ``F.linear`` by float32 rounding only.
 
 The model uses them only on the CPU in float32 where the module builds
