@@ -58,12 +58,7 @@ def _engine(
     vocab_limit: int,
 ):
     engine = LLM(model, device="cpu", dtype="float32", linear_backend=linear_backend).engine
-    network = engine.runner.model
-    network.use_cpu_layer_ops(layer_ops and cpu_ops_available(), small_linear=small_rows != 0)
-    if small_rows:
-        for module in network.modules():
-            if isinstance(module, PackedLinear):
-                module.small_rows = min(module.small_rows, small_rows)
+    engine.runner.model.use_cpu_layer_ops(layer_ops and cpu_ops_available(), small_rows)
     rng = random.Random(0)
     for i in range(batch):
         prompt = [rng.randrange(100, vocab_limit) for _ in range(128)]

@@ -166,7 +166,7 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t num_
 
 namespace {
 
-constexpr int64_t kSmallLinearRows = 64;  // up to 8 rows at once; 9-32 in groups of three
+constexpr int64_t kSmallLinearRows = 64;  // up to 8 rows at once; 9-64 in groups of three
 constexpr int64_t kTileWeightRows = 4;  // in the groups of three: four weight rows, in L1
 constexpr int64_t kWeightRowsPerTask = 64;
 

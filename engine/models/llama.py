@@ -177,12 +177,14 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None  # an untied head's weight lives on only in packed_logits
         pack_linears(self)
 
-    def use_cpu_layer_ops(self, enabled: bool = True, small_linear: bool = True) -> None:
-        """Run the norms (with the residual adds), the rotary embedding and (``small_linear``)
-        the prepacked projections of decode batches of a few rows as the C++ ops of
-        ``engine.kernels.cpu_layer_ops`` (CPU, float32; the caller checks they load), or as
-        torch ops again (``enabled=False``)."""
-        small_rows = cpu_layer_ops.small_linear_rows_limit() if enabled and small_linear else 0
+    def use_cpu_layer_ops(self, enabled: bool = True, small_rows: int | None = None) -> None:
+        """Run the norms (with the residual adds), the rotary embedding and the prepacked
+        projections of decode batches of up to ``small_rows`` rows (None: as many as
+        ``small_linear`` takes; 0: none) as the C++ ops of ``engine.kernels.cpu_layer_ops``
+        (CPU, float32; the caller checks they load), or as torch ops again
+        (``enabled=False``)."""
+        limit = cpu_layer_ops.small_linear_rows_limit() if enabled else 0
+        small_rows = limit if small_rows is None else min(small_rows, limit)
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.cpu_op = enabled

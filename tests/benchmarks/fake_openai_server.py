@@ -79,14 +79,13 @@ def _make_app(server: FakeServer) -> FastAPI:
                 yield "\n\n"
             await asyncio.sleep(server.first_token_delay)
             sent = 0
+            raw = server.fault == "raw_line_breaks"
             while sent < num_tokens and server.fault != "no_text":
                 if sent:
                     scale = server.active if server.slow_down_per_active else 1
                     await asyncio.sleep(server.token_delay * scale)
                 n = min(server.tokens_per_chunk, num_tokens - sent)
-                text = "".join(f" t{sent + i}" for i in range(n))
-                raw = server.fault == "raw_line_breaks"
-                text += "\u2028\x85" if raw else ""
+                text = "".join(f" t{sent + i}" for i in range(n)) + ("\u2028\x85" if raw else "")
                 choice = {"delta": {"content": text}} if chat else {"text": text}
                 choice |= {
                     "index": 0,
