@@ -70,9 +70,16 @@ class PackedLinear(nn.Module):
     A decode batch of up to ``small_rows`` rows (set by the model's ``use_cpu_layer_ops``)
     goes through ``cpu_layer_ops.small_linear`` on the plain weight instead, which reads it
     faster than either library at those rows (``benchmarks/linear_cpu.py``).
+
+    A prefill chunk of ``plain_rows_per_thread`` rows per torch thread or more goes back to
+    MKL on the plain weight: at those rows MKL's sgemm runs nearer the core's peak than
+    oneDNN's (one core, 256-2048 rows: 85-93 against 78-82 GFLOP/s; a burst's 32 x 64-token
+    prefill 6-11% shorter, ``benchmarks/prefill_cpu.py``); with two threads oneDNN is still
+    ahead at 128-256 rows and MKL from 512 (``benchmarks/linear_cpu.py --threads 2``).
     """
 
     single_row_plain = True  # False: one row too through oneDNN (benchmarks/decode_step_cpu.py)
+    plain_rows_per_thread = 256  # 0: every row count above small_rows through oneDNN
 
     def __init__(
         self,
@@ -94,6 +101,8 @@ class PackedLinear(nn.Module):
         if 0 < rows <= self.small_rows and x.stride(-1) == 1:
             return cpu_layer_ops.small_linear(x, self.weight, self.bias)
         if rows == 1 and self.single_row_plain:
+            return F.linear(x, self.weight, self.bias)
+        if 0 < self.plain_rows_per_thread * torch.get_num_threads() <= rows:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 

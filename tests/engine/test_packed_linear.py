@@ -38,6 +38,39 @@ def test_packed_linear_equals_f_linear(num_rows: int, bias: bool) -> None:
 
 
 @needs_onednn
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_a_prefill_chunk_goes_to_mkl_and_a_smaller_batch_to_onednn(num_threads, monkeypatch):
+    """From ``plain_rows_per_thread`` rows per torch thread ``F.linear`` (MKL) on the plain
+    weight, below it the oneDNN GEMM; 0 sends every row count above one row to oneDNN."""
+    gen = torch.Generator().manual_seed(1)
+    weight, b = torch.randn(24, 16, generator=gen), torch.randn(24, generator=gen)
+    layer = PackedLinear(weight, b)
+    monkeypatch.setattr(PackedLinear, "plain_rows_per_thread", 4)
+    threshold = 4 * num_threads
+    inputs = {rows: torch.randn(rows, 16, generator=gen) for rows in (2, threshold - 1, threshold)}
+    refs = {rows: F.linear(x, weight, b) for rows, x in inputs.items()}
+    plain_rows = []
+    real_linear = F.linear
+    monkeypatch.setattr(
+        F, "linear", lambda x, *rest: plain_rows.append(len(x)) or real_linear(x, *rest)
+    )
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        with torch.inference_mode():
+            outs = {rows: layer(x) for rows, x in inputs.items()}
+            monkeypatch.setattr(PackedLinear, "plain_rows_per_thread", 0)
+            onednn = layer(inputs[threshold])
+    finally:
+        torch.set_num_threads(previous)
+    assert plain_rows == [threshold]
+    assert torch.equal(outs[threshold], refs[threshold])  # the same call as the reference
+    for rows in (2, threshold - 1):
+        torch.testing.assert_close(outs[rows], refs[rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(onednn, refs[threshold], rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
 def test_pack_linears_replaces_every_linear_and_the_weights_cannot_be_loaded_after(tmp_path):
     path = make_hf_checkpoint(tmp_path, "llama")
     model, _ = load_model(ModelConfig(model=str(path)), TorchAttentionBackend(), CPU)
