@@ -37,6 +37,7 @@ from typing import Any
 
 from decode_worker.worker import DecodeWorker
 from engine.config import EngineConfig
+from engine.malloc import worker_env_vars
 from kv_transfer.base import KVTransferConfig
 from kv_transfer.security import cluster_kv_config
 from prefill_worker.worker import PrefillWorker
@@ -274,6 +275,9 @@ class Cluster:
         )
         if accelerator:
             options["accelerator_type"] = accelerator
+        env_vars = worker_env_vars()  # read by glibc as the worker's process starts
+        if env_vars:
+            options["runtime_env"] = {"env_vars": env_vars}
         cls = PrefillWorker if role == "prefill" else DecodeWorker
         # Ray places the actor where the role's resources are; on `ray up` / KubeRay a pending
         # actor's resource demand is what makes the autoscaler add a node of that type.

@@ -19,6 +19,7 @@ PURE_MODULES = [
     "engine.scheduler_output",
     "engine.outputs",
     "engine.detokenizer",
+    "engine.malloc",
     # What the router needs to talk to workers: the wire types and the typed clients.
     "engine.wire",
     "engine.channel",

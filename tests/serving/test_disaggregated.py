@@ -209,3 +209,19 @@ def test_first_token_arrives_before_the_kv_transfer_is_acknowledged(
     completion_answer(chunks).check(expected, len(prompt_ids))
     _wait_for_transfers(server, transfers + 1)
     server.wait_idle()
+
+
+def test_workers_start_under_the_glibc_malloc_tunables(server: Server) -> None:
+    """Each Ray worker's process starts with ``engine.malloc``'s tunables (glibc reads them
+    only then), unless the environment the cluster was started from sets its own."""
+    import ray
+
+    from engine.malloc import GLIBC_TUNABLES
+
+    expected = os.environ.get("GLIBC_TUNABLES", GLIBC_TUNABLES)
+    for worker in server.backend.cluster.prefill + server.backend.cluster.decode:
+        seen = ray.get(
+            worker.target.__ray_call__.remote(lambda _: os.environ.get("GLIBC_TUNABLES")),
+            timeout=30,
+        )
+        assert seen == expected, worker.worker_id
