@@ -276,16 +276,20 @@ class ModelRunner:
                 inputs.input_ids, inputs.positions, inputs.metadata
             )
         if hidden_states is None:
+            # Only the sampled rows leave the last layer (none in a chunk that samples none).
             hidden_states = self.model(
                 inputs.input_ids,
                 inputs.positions,
                 self.kv_caches,
                 inputs.metadata,
                 layer_callback=layer_callback,
+                output_rows=inputs.sample_indices,
             )
+        else:  # a captured decode graph returns every row
+            hidden_states = hidden_states[inputs.sample_indices]
         if not inputs.sampled_request_ids:
             return ModelRunnerOutput(sampled_token_ids={})
-        logits = self.model.compute_logits(hidden_states[inputs.sample_indices])
+        logits = self.model.compute_logits(hidden_states)
         requests = [self._requests[rid] for rid in inputs.sampled_request_ids]
         sampling_metadata = build_sampling_metadata(requests, self._generators, self.device)
         sampled = self.sampler(logits, sampling_metadata)

@@ -97,7 +97,8 @@ class LlamaAttention(nn.Module):
         sin: torch.Tensor,  # [num_tokens, head_dim]
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
-    ) -> torch.Tensor:  # [num_tokens, hidden_size]
+        output_rows: torch.Tensor | None = None,  # [num_rows]: only these rows' output
+    ) -> torch.Tensor:  # [num_tokens or num_rows, hidden_size]
         num_tokens = hidden_states.shape[0]
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -115,7 +116,8 @@ class LlamaAttention(nn.Module):
             )
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         out = self.backend.forward(q, k, v.contiguous(), kv_cache, metadata, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        out = out.reshape(num_tokens, self.q_size)
+        return self.o_proj(out if output_rows is None else out[output_rows])
 
 
 class LlamaMLP(nn.Module):
@@ -228,8 +230,14 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[torch.Tensor],  # per layer [2, num_blocks, block_size, kv_heads, head_dim]
         metadata: AttentionMetadata,
         layer_callback: LayerCallback | None = None,
-    ) -> torch.Tensor:  # [num_tokens, hidden_size]
+        output_rows: torch.Tensor | None = None,  # [num_rows] int64, ascending
+    ) -> torch.Tensor:  # [num_tokens or num_rows, hidden_size]
         """Run the decoder stack; the caller picks the rows to turn into logits.
+
+        With ``output_rows`` (the rows to be sampled) only those rows go through the last
+        layer's o-projection and MLP and the final norm, and only they are returned: every
+        row's K/V are in the cache by then, and no other row's output is read. Rows equal
+        to every token (a decode step) are every row.
 
         ``layer_callback(i)`` is called on the host right after layer ``i``'s attention is
         issued, i.e. once its K/V writes into ``kv_caches[i]`` are enqueued. On CUDA the work
@@ -241,10 +249,16 @@ class LlamaForCausalLM(nn.Module):
         residual = self.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, residual.dtype)
         hidden_states = self.layers[0].input_layernorm(residual)
+        if output_rows is not None and len(output_rows) == len(input_ids):
+            output_rows = None  # every row (a decode step): nothing to leave out
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            attn_out = layer.self_attn(hidden_states, cos, sin, kv_caches[i], metadata)
+            rows = output_rows if i == last else None
+            attn_out = layer.self_attn(hidden_states, cos, sin, kv_caches[i], metadata, rows)
             if layer_callback is not None:
                 layer_callback(i)
+            if rows is not None:
+                residual = residual[rows]
             mlp_out = layer.mlp(layer.post_attention_layernorm.add_and_norm(residual, attn_out))
             next_norm = (
                 self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm

@@ -129,6 +129,40 @@ def test_cpu_layer_ops_match_hf(family):
     _check_chunked_prefill_and_decodes(hf_model, model)
 
 
+@pytest.mark.parametrize("setup", ["torch", "cpu-ops"])
+def test_only_the_sampled_rows_leave_the_last_layer(family, setup):
+    """``output_rows``: the last token of each prompt (or none, for a chunk that samples
+    nothing) goes through the last layer's o-projection and MLP; every row's K/V are still
+    written, so the decode step after it matches HF."""
+    _, path, hf_model, model = family
+    if setup == "cpu-ops":
+        if not cpu_ops_available():
+            pytest.skip("the CPU ops do not build here")
+        model, _ = load_model(ModelConfig(model=str(path)), TorchAttentionBackend(), CPU)
+        model.pack_for_cpu()
+        model.use_cpu_layer_ops()
+    prompts = _prompts([5, 11, 17])
+    lengths = [len(p) for p in prompts]
+    tables = assign_block_tables([n + 1 for n in lengths], BLOCK_SIZE, NUM_BLOCKS)
+    kv_caches = _kv_caches(model)
+    input_ids = torch.tensor([t for p in prompts for t in p])
+    positions, metadata = make_attention_metadata([0, 0, 0], lengths, tables, BLOCK_SIZE, CPU)
+    last_rows = torch.tensor([4, 15, 32])
+    with torch.inference_mode():
+        none = model(input_ids, positions, _kv_caches(model), metadata, output_rows=last_rows[:0])
+        hidden = model(input_ids, positions, kv_caches, metadata, output_rows=last_rows)
+        logits = model.compute_logits(hidden)
+    assert none.shape == (0, model.args.hidden_size)
+    assert logits.shape == (3, model.args.vocab_size)
+    references = [_hf_logits(hf_model, p) for p in prompts]
+    assert rel_err(logits, torch.stack([r[-1] for r in references])) <= MAX_REL_ERR
+    # One decode step each on the pruned prefill's cache.
+    nxt = [int(r[-1].argmax()) for r in references]
+    decoded = _step(model, kv_caches, [(p + [t], len(p), 1) for p, t in zip(prompts, nxt)], tables)
+    reference = torch.stack([_hf_logits(hf_model, p + [t])[-1] for p, t in zip(prompts, nxt)])
+    assert rel_err(decoded, reference) <= MAX_REL_ERR
+
+
 def _check_chunked_prefill_and_decodes(hf_model, model) -> None:
     """Step 1: A whole, B's first chunk. Step 2: A decodes, B's second chunk, C whole.
     Step 3: A, B and C decode. Every row is compared with HF on the full sequence."""
