@@ -31,7 +31,8 @@ from pathlib import Path
 
 from benchmarks._servers import MODEL_NAMES, RESULTS_DIR, machine_info, model_path
 
-VARIANTS = {"mkl": 256, "onednn": 0}  # name -> PackedLinear.plain_rows_per_thread
+# name -> PackedLinear.plain_rows_per_thread (None: the engine's own)
+VARIANTS: dict[str, int | None] = {"mkl": None, "onednn": 0}
 
 
 def _minor_faults() -> int:
@@ -61,7 +62,10 @@ def measure(model: str, args: argparse.Namespace) -> dict:
     try:
         for _ in range(args.rounds):
             for name in args.variants:
-                PackedLinear.plain_rows_per_thread = VARIANTS[name]
+                rows_per_thread = VARIANTS[name]
+                PackedLinear.plain_rows_per_thread = (
+                    engine_default if rows_per_thread is None else rows_per_thread
+                )
                 prompts = [
                     {"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(args.prompt_len)]}
                     for _ in range(args.prompts)

@@ -100,9 +100,9 @@ class PackedLinear(nn.Module):
         rows = x.shape[0]
         if 0 < rows <= self.small_rows and x.stride(-1) == 1:
             return cpu_layer_ops.small_linear(x, self.weight, self.bias)
-        if rows == 1 and self.single_row_plain:
-            return F.linear(x, self.weight, self.bias)
-        if 0 < self.plain_rows_per_thread * torch.get_num_threads() <= rows:
+        if (rows == 1 and self.single_row_plain) or (
+            0 < self.plain_rows_per_thread * torch.get_num_threads() <= rows
+        ):
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 

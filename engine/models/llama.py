@@ -260,9 +260,7 @@ class LlamaForCausalLM(nn.Module):
             if rows is not None:
                 residual = residual[rows]
             mlp_out = layer.mlp(layer.post_attention_layernorm.add_and_norm(residual, attn_out))
-            next_norm = (
-                self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
-            )
+            next_norm = self.layers[i + 1].input_layernorm if i < last else self.norm
             hidden_states = next_norm.add_and_norm(residual, mlp_out)
         return hidden_states
 
