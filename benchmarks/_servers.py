@@ -507,18 +507,21 @@ def machine_info() -> dict[str, object]:
     """What the results were measured on."""
     import platform
 
-    cpu = ""
+    cpu, flags = "", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and not cpu:
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu": cpu,
+        # the widest vectors here: the CPU ops are built for them (AVX2 or AVX-512)
+        "simd": sorted(flags & {"avx2", "fma", "avx512f", "amx_tile"}),
         "num_cpus": os.cpu_count(),
         "load_avg_at_start": os.getloadavg(),
         "gpu": None,

@@ -18,9 +18,9 @@
 
 #include <cmath>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
+#include <algorithm>
+
+#include "cpu_vec.h"
 
 // Each product and sum rounded on its own, as torch's elementwise ops round them.
 #define ROUNDED __attribute__((optimize("fp-contract=off")))
@@ -158,105 +158,138 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t num_
 // (benchmarks/linear_cpu.py --cold; SmolLM2's 49152-row logits at 1-4 rows the exception,
 // 0.9x), and whole steps of 1-8 rows are 5-34% shorter (benchmarks/decode_step_cpu.py).
 // Here each weight row is read once and multiplied into every row of x while it is in
-// registers: a block of NB weight rows against R rows of x keeps NB x R accumulators of 8
-// floats (at most 8 of 16 AVX2 registers plus the loads up to 8 rows; 12 for the groups of
-// three rows that 9-64 rows go through, small_linear_groups, where steps are 5-14% shorter
-// than with oneDNN). The sums run in 8 lanes and are added up at the end, so a result
-// differs from F.linear's by float32 rounding only.
+// registers: a block of NB weight rows against R rows of x keeps NB x R accumulators of one
+// vector each (AVX2: at most 8 of 16 registers plus the loads up to 8 rows; 12 for the
+// groups of three rows that 9-64 rows go through, small_linear_groups, where steps are 5-14%
+// shorter than with oneDNN). The sums run in the vector's lanes and are added up at the end,
+// so a result differs from F.linear's by float32 rounding only.
 
 namespace {
 
-constexpr int64_t kSmallLinearRows = 64;  // up to 8 rows at once; 9-64 in groups of three
-constexpr int64_t kTileWeightRows = 4;  // in the groups of three: four weight rows, in L1
+constexpr int64_t kSmallLinearRows = 64;  // up to 8 rows at once; 9-64 in groups
+constexpr int64_t kTileWeightRows = 4;  // in the groups: four weight rows, in L1
 constexpr int64_t kWeightRowsPerTask = 64;
 
+// On an AVX-512 machine the AVX2 loop ran decode steps of 4-32 rows 1.2-1.3x slower than
+// oneDNN's own AVX-512 GEMM (benchmarks/decode_step_cpu.py, dummy-100m): there the loop works
+// in 16-float vectors (cpu_vec.h) with twice the registers, groups of six rows past eight,
+// and fetches the next block of weight rows into L1 while it multiplies this one (1.2-1.5x
+// shorter at 4-8 rows of a whole step's cold weights, 3-9% at 12-64). The AVX2 build keeps
+// the blocking it was measured with and does not prefetch (not measured there).
+using pdserve_vec::kLanes;
+using pdserve_vec::sum_lanes;
+using pdserve_vec::Vec;
+using pdserve_vec::vfma;
+using pdserve_vec::vload;
+using pdserve_vec::vzero;
+constexpr bool kSmallLinearVectorized = pdserve_vec::kVectorized;
+constexpr int kAccumulators = pdserve_vec::kRegisters / 2;  // the rest: weight rows and x
+// Rows per group past eight, against kTileWeightRows weight rows: AVX-512 24 accumulators,
+// the four weight rows and x in 29 of its 32 registers; AVX2 12 of 16.
+constexpr int kGroupRows = pdserve_vec::kAvx512 ? 6 : 3;
+constexpr bool kPrefetch = pdserve_vec::kAvx512;
+
 #if defined(__AVX2__) && defined(__FMA__)
-constexpr bool kSmallLinearVectorized = true;
-#define UNROLLED _Pragma("GCC unroll 16")
+#define UNROLLED PDSERVE_UNROLLED
 
-inline float sum_lanes(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
-}
-
-// Weight rows [begin, end) (`in` floats each) against R rows of x, over the first `in8`
-// (a multiple of 8) of their columns: y[r * out + n]. NB weight rows at a time, then the
-// rest one by one. Nothing else in the loop: a tail or a bias inside it made the compiler
+// Weight rows [begin, end) (`in` floats each) against R rows of x, over the first `in_vec`
+// (a multiple of kLanes) of their columns: y[r * out + n]. NB weight rows at a time, then
+// the rest one by one. Nothing else in the loop: a tail or a bias inside it made the compiler
 // spill accumulators (1.3x slower at eight rows); the caller adds them afterwards. The loops
 // over the block are unrolled by hand (UNROLLED): left to itself GCC kept the accumulator
 // array on the stack at eight rows, a store per FMA.
-template <int R, int NB>
+template <int R, int NB, bool PREFETCH = false>
 void small_linear_span(const float* x, int64_t x_stride, const float* w, int64_t in,
-                       int64_t in8, float* y, int64_t out, int64_t begin, int64_t end) {
+                       int64_t in_vec, float* y, int64_t out, int64_t begin, int64_t end) {
   int64_t n = begin;
   for (; n + NB <= end; n += NB) {
     const float* w_rows = w + n * in;
-    __m256 acc[NB][R];
+    // The next block of weight rows, fetched into L1 while this one is multiplied (only
+    // where there is one: past `out` lies someone else's memory).
+    const float* next = n + 2 * NB <= out ? w_rows + NB * in : w_rows;
+    Vec acc[NB][R];
     UNROLLED for (int j = 0; j < NB; ++j)
-      UNROLLED for (int r = 0; r < R; ++r) acc[j][r] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < in8; k += 8) {
-      __m256 wv[NB];
-      UNROLLED for (int j = 0; j < NB; ++j) wv[j] = _mm256_loadu_ps(w_rows + j * in + k);
+      UNROLLED for (int r = 0; r < R; ++r) acc[j][r] = vzero();
+    for (int64_t k = 0; k < in_vec; k += kLanes) {
+      if constexpr (PREFETCH) {
+        UNROLLED for (int j = 0; j < NB; ++j)
+          _mm_prefetch(reinterpret_cast<const char*>(next + j * in + k), _MM_HINT_T0);
+      }
+      Vec wv[NB];
+      UNROLLED for (int j = 0; j < NB; ++j) wv[j] = vload(w_rows + j * in + k);
       UNROLLED for (int r = 0; r < R; ++r) {
-        const __m256 xv = _mm256_loadu_ps(x + r * x_stride + k);
-        UNROLLED for (int j = 0; j < NB; ++j) acc[j][r] = _mm256_fmadd_ps(xv, wv[j], acc[j][r]);
+        const Vec xv = vload(x + r * x_stride + k);
+        UNROLLED for (int j = 0; j < NB; ++j) acc[j][r] = vfma(xv, wv[j], acc[j][r]);
       }
     }
     UNROLLED for (int j = 0; j < NB; ++j)
       UNROLLED for (int r = 0; r < R; ++r) y[r * out + n + j] = sum_lanes(acc[j][r]);
   }
   if constexpr (NB > 1) {
-    if (n < end) small_linear_span<R, 1>(x, x_stride, w, in, in8, y, out, n, end);
+    if (n < end) small_linear_span<R, 1>(x, x_stride, w, in, in_vec, y, out, n, end);
   }
 }
 #else
-constexpr bool kSmallLinearVectorized = false;  // correct, not fast: the model keeps oneDNN
-
-template <int R, int NB>
+template <int R, int NB, bool PREFETCH = false>
 void small_linear_span(const float* x, int64_t x_stride, const float* w, int64_t in,
-                       int64_t in8, float* y, int64_t out, int64_t begin, int64_t end) {
+                       int64_t in_vec, float* y, int64_t out, int64_t begin, int64_t end) {
   for (int64_t n = begin; n < end; ++n)
     for (int r = 0; r < R; ++r) {
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t k = 0; k < in8; ++k) sum += x[r * x_stride + k] * w[n * in + k];
+      for (int64_t k = 0; k < in_vec; ++k) sum += x[r * x_stride + k] * w[n * in + k];
       y[r * out + n] = sum;
     }
 }
 #endif
 
-// One or two rows take four weight rows a block, three or four two, more one: the
-// accumulators (NB x R) stay within eight of the sixteen registers.
+// As many weight rows a block as keep the accumulators (NB x R) within kAccumulators
+// registers, four at most: with AVX2 one or two rows take four weight rows, three or four
+// two, more one; with AVX-512 up to four rows take four, five three, more two.
 template <int R>
 void small_linear_rows(const float* x, int64_t x_stride, const float* w, int64_t in,
                        float* y, int64_t out) {
-  constexpr int NB = R <= 2 ? 4 : (R <= 4 ? 2 : 1);
-  const int64_t in8 = in - in % 8;
+  constexpr int NB = std::max(1, std::min(4, kAccumulators / R));
+  const int64_t in_vec = in - in % kLanes;
   at::parallel_for(0, out, kWeightRowsPerTask, [&](int64_t begin, int64_t end) {
-    small_linear_span<R, NB>(x, x_stride, w, in, in8, y, out, begin, end);
+    small_linear_span<R, NB, kPrefetch>(x, x_stride, w, in, in_vec, y, out, begin, end);
   });
 }
 
-// More than eight rows, in groups of three against blocks of four weight rows (12 of the 16
-// registers accumulate): each block of the weight is read from memory once, by the first
-// group, and from L1 by the others, while the rows of x come from L2.
+// The last `R` rows of a group (R < kGroupRows) against one block of weight rows.
+template <int R>
+void small_linear_rest(const float* x, int64_t x_stride, int64_t rest, const float* w,
+                       int64_t in, int64_t in_vec, float* y, int64_t out, int64_t n,
+                       int64_t n_end) {
+  if constexpr (R > 0) {
+    if (rest == R)
+      small_linear_span<R, kTileWeightRows>(x, x_stride, w, in, in_vec, y, out, n, n_end);
+    else
+      small_linear_rest<R - 1>(x, x_stride, rest, w, in, in_vec, y, out, n, n_end);
+  }
+}
+
+// More than eight rows, in groups of kGroupRows against blocks of four weight rows (12 of
+// AVX2's 16 registers accumulate, 24 of AVX-512's 32): each block of the weight is read from
+// memory once, by the first group, and from L1 by the others, while the rows of x come from
+// L2.
 void small_linear_groups(const float* x, int64_t x_stride, int64_t rows, const float* w,
                          int64_t in, float* y, int64_t out) {
-  const int64_t in8 = in - in % 8;
+  const int64_t in_vec = in - in % kLanes;
   at::parallel_for(0, out, kWeightRowsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; n += kTileWeightRows) {
       const int64_t n_end = std::min(end, n + kTileWeightRows);
       int64_t r = 0;
-      for (; r + 3 <= rows; r += 3)
-        small_linear_span<3, kTileWeightRows>(x + r * x_stride, x_stride, w, in, in8,
-                                              y + r * out, out, n, n_end);
-      if (rows - r == 2)
-        small_linear_span<2, kTileWeightRows>(x + r * x_stride, x_stride, w, in, in8,
-                                              y + r * out, out, n, n_end);
-      else if (rows - r == 1)
-        small_linear_span<1, kTileWeightRows>(x + r * x_stride, x_stride, w, in, in8,
-                                              y + r * out, out, n, n_end);
+      for (; r + kGroupRows <= rows; r += kGroupRows) {
+        if (r == 0 && kPrefetch)
+          small_linear_span<kGroupRows, kTileWeightRows, true>(x, x_stride, w, in, in_vec, y,
+                                                               out, n, n_end);
+        else
+          small_linear_span<kGroupRows, kTileWeightRows>(x + r * x_stride, x_stride, w, in,
+                                                         in_vec, y + r * out, out, n, n_end);
+      }
+      small_linear_rest<kGroupRows - 1>(x + r * x_stride, x_stride, rows - r, w, in, in_vec,
+                                        y + r * out, out, n, n_end);
     }
   });
 }
@@ -300,11 +333,11 @@ torch::Tensor small_linear(torch::Tensor x, torch::Tensor weight,
     case 8: small_linear_rows<8>(x_ptr, x_stride, w_ptr, in, y_ptr, out); break;
     default: small_linear_groups(x_ptr, x_stride, rows, w_ptr, in, y_ptr, out); break;
   }
-  if (in % 8 != 0 || bias_ptr != nullptr) {  // the columns past the last multiple of 8, the bias
+  if (in % kLanes != 0 || bias_ptr != nullptr) {  // the columns past the last vector, the bias
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t n = 0; n < out; ++n) {
         float sum = y_ptr[r * out + n];
-        for (int64_t k = in - in % 8; k < in; ++k)
+        for (int64_t k = in - in % kLanes; k < in; ++k)
           sum += x_ptr[r * x_stride + k] * w_ptr[n * in + k];
         y_ptr[r * out + n] = bias_ptr != nullptr ? sum + bias_ptr[n] : sum;
       }

@@ -17,6 +17,7 @@ Order as in llm.c: kernel (the .cpp file), launcher.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,9 @@ logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_suffix(".cpp")
 # The per-layer ops (``engine.kernels.cpu_layer_ops``) live in the same module.
 _SOURCES = (_SOURCE, _SOURCE.with_name("cpu_layer_ops.cpp"))
+# Included by both. torch's extension cache rebuilds when a source or a flag changes, not a
+# header: the header's hash goes into the flags.
+_HEADER = _SOURCE.with_name("cpu_vec.h")
 _EXTENSION_NAME = "pdserve_cpu_ops"  # paged decode attention and the layer ops
 
 
@@ -38,12 +42,20 @@ class CpuKernelUnavailableError(RuntimeError):
 
 
 def _simd_flags() -> list[str]:
-    """AVX2/FMA code only where this CPU has them (the build runs on the serving machine)."""
+    """AVX2/FMA code only where this CPU has them, and AVX-512 where it has that too (the
+    build runs on the serving machine; ``small_linear`` then works in 16-float vectors)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return []
-    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= set(flags) else []
+    if not {"avx2", "fma"} <= flags:
+        return []
+    return ["-mavx2", "-mfma", *(["-mavx512f"] if "avx512f" in flags else [])]
+
+
+def _header_flag() -> str:
+    digest = hashlib.sha256(_HEADER.read_bytes()).hexdigest()[:16]
+    return f"-DPDSERVE_CPU_VEC_H={digest}"
 
 
 @functools.cache
@@ -56,7 +68,7 @@ def _build() -> tuple[object | None, CpuKernelUnavailableError | None]:
         module = load(
             name=_EXTENSION_NAME,
             sources=[str(source) for source in _SOURCES],
-            extra_cflags=["-O3", "-fopenmp-simd", *_simd_flags()],
+            extra_cflags=["-O3", "-fopenmp-simd", *_simd_flags(), _header_flag()],
             verbose=False,
         )
     except Exception as error:  # compiler missing, build failed: say which and why

@@ -105,10 +105,11 @@ def test_bad_arguments_are_refused_before_anything_is_read():
 # Every row count up to 8 (each picks its own block of weight rows), then groups of three
 # with none, one and two rows left over (9-12, 31, 32, 64: the most the op takes), weight rows
 # that leave a remainder after every block size (97 = 4 * 24 + 1, across a task boundary at
-# 64), and an input width that is and one that is not a multiple of the 8 lanes (the tail is
-# summed on its own).
+# 64), and input widths that are a multiple of 16 lanes (AVX-512), of 8 only (AVX2: 776) and of
+# neither (the tail is summed on its own). Groups of six rows (AVX-512) leave 1-5 over in 9-12
+# and 31.
 @pytest.mark.parametrize("rows", [*range(1, 13), 31, 32, 64])
-@pytest.mark.parametrize("in_features", [768, 83])
+@pytest.mark.parametrize("in_features", [768, 776, 83])
 @pytest.mark.parametrize("bias", [False, True])
 def test_small_linear_equals_f_linear(rows, in_features, bias):
     gen = torch.Generator().manual_seed(rows * in_features + bias)

@@ -23,6 +23,12 @@ from tests.engine.kernels.test_paged_decode_attention import make_paged_kv
         ([5, 1, 23, 64, 2], 12, 4, 64, 16),  # the dummy-100m geometry
         ([37, 3, 130], 9, 3, 64, 16),  # SmolLM2's 3-head groups
         ([7, 300], 8, 1, 80, 8),  # MQA, a head_dim that is no power of 2
+        # The vector passes take groups of up to 8 query heads, head_dims of whole vectors
+        # (8 floats with AVX2, 16 with AVX-512) in chunks of 4, 2 or 1 vectors; the rest the
+        # scalar loops do.
+        ([33, 17], 14, 2, 128, 16),  # groups of 7, 128 dims
+        ([50, 2], 10, 2, 24, 16),  # groups of 5, 24 dims (whole AVX2 vectors only)
+        ([9, 40], 12, 1, 40, 8),  # a group of 12: the scalar loops
     ],
 )
 def test_matches_the_reference(seq_lens, num_heads, num_kv_heads, head_dim, block_size):
