@@ -198,7 +198,21 @@ torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor key_cach
         float max_score = -std::numeric_limits<float>::infinity();
         for (int64_t t = 0; t < seq_len; ++t) max_score = std::max(max_score, s[t]);
         float sum = 0.0f;
-        for (int64_t t = 0; t < seq_len; ++t) {
+        int64_t t = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+        {  // ~10-14% of the op's time as one std::exp a score
+          using namespace pdserve_vec;
+          const Vec shift = vbroadcast(max_score);
+          Vec total = vzero();
+          for (; t + kLanes <= seq_len; t += kLanes) {
+            const Vec e = vexp_nonpositive(vsub(vload(s + t), shift));
+            vstore(s + t, e);
+            total = vadd(total, e);
+          }
+          sum = sum_lanes(total);
+        }
+#endif
+        for (; t < seq_len; ++t) {
           s[t] = std::exp(s[t] - max_score);
           sum += s[t];
         }

@@ -45,6 +45,19 @@ def test_matches_the_reference(seq_lens, num_heads, num_kv_heads, head_dim, bloc
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [4.0, 40.0])
+def test_matches_the_reference_where_scores_spread_far(scale):
+    # Shifted scores from 0 down past -87 (where float32's e^x leaves the normal range): the
+    # softmax's vector exp against torch's.
+    seq_lens = [200, 37, 16]
+    kv_cache, block_tables = make_paged_kv(seq_lens, 16, 4, 64, torch.float32, seed=7)
+    query = torch.randn((3, 12, 64), generator=torch.Generator().manual_seed(5))
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    out = paged_decode_attention(query, kv_cache, block_tables, lens, scale)
+    ref = paged_decode_attention_reference(query, kv_cache, block_tables, lens, scale)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_the_backend_equals_the_torch_backend_on_a_mixed_step():
     """Decodes through the op, a prefill chunk through the shared torch path; same output."""
     num_heads, num_kv_heads, head_dim, block_size = 6, 2, 32, 4
