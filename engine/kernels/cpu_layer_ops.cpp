@@ -190,13 +190,12 @@ constexpr int kGroupRows = pdserve_vec::kAvx512 ? 6 : 3;
 constexpr bool kPrefetch = pdserve_vec::kAvx512;
 
 #if defined(__AVX2__) && defined(__FMA__)
-#define UNROLLED PDSERVE_UNROLLED
 
 // Weight rows [begin, end) (`in` floats each) against R rows of x, over the first `in_vec`
 // (a multiple of kLanes) of their columns: y[r * out + n]. NB weight rows at a time, then
 // the rest one by one. Nothing else in the loop: a tail or a bias inside it made the compiler
 // spill accumulators (1.3x slower at eight rows); the caller adds them afterwards. The loops
-// over the block are unrolled by hand (UNROLLED): left to itself GCC kept the accumulator
+// over the block are unrolled by hand (PDSERVE_UNROLLED): left to itself GCC kept the accumulator
 // array on the stack at eight rows, a store per FMA.
 template <int R, int NB, bool PREFETCH = false>
 void small_linear_span(const float* x, int64_t x_stride, const float* w, int64_t in,
@@ -208,22 +207,22 @@ void small_linear_span(const float* x, int64_t x_stride, const float* w, int64_t
     // where there is one: past `out` lies someone else's memory).
     const float* next = n + 2 * NB <= out ? w_rows + NB * in : w_rows;
     Vec acc[NB][R];
-    UNROLLED for (int j = 0; j < NB; ++j)
-      UNROLLED for (int r = 0; r < R; ++r) acc[j][r] = vzero();
+    PDSERVE_UNROLLED for (int j = 0; j < NB; ++j)
+      PDSERVE_UNROLLED for (int r = 0; r < R; ++r) acc[j][r] = vzero();
     for (int64_t k = 0; k < in_vec; k += kLanes) {
       if constexpr (PREFETCH) {
-        UNROLLED for (int j = 0; j < NB; ++j)
-          _mm_prefetch(reinterpret_cast<const char*>(next + j * in + k), _MM_HINT_T0);
+        PDSERVE_UNROLLED for (int j = 0; j < NB; ++j)
+          pdserve_vec::prefetch(next + j * in, k, k + kLanes);
       }
       Vec wv[NB];
-      UNROLLED for (int j = 0; j < NB; ++j) wv[j] = vload(w_rows + j * in + k);
-      UNROLLED for (int r = 0; r < R; ++r) {
+      PDSERVE_UNROLLED for (int j = 0; j < NB; ++j) wv[j] = vload(w_rows + j * in + k);
+      PDSERVE_UNROLLED for (int r = 0; r < R; ++r) {
         const Vec xv = vload(x + r * x_stride + k);
-        UNROLLED for (int j = 0; j < NB; ++j) acc[j][r] = vfma(xv, wv[j], acc[j][r]);
+        PDSERVE_UNROLLED for (int j = 0; j < NB; ++j) acc[j][r] = vfma(xv, wv[j], acc[j][r]);
       }
     }
-    UNROLLED for (int j = 0; j < NB; ++j)
-      UNROLLED for (int r = 0; r < R; ++r) y[r * out + n + j] = sum_lanes(acc[j][r]);
+    PDSERVE_UNROLLED for (int j = 0; j < NB; ++j)
+      PDSERVE_UNROLLED for (int r = 0; r < R; ++r) y[r * out + n + j] = sum_lanes(acc[j][r]);
   }
   if constexpr (NB > 1) {
     if (n < end) small_linear_span<R, 1>(x, x_stride, w, in, in_vec, y, out, n, end);
@@ -279,15 +278,14 @@ void small_linear_groups(const float* x, int64_t x_stride, int64_t rows, const f
   at::parallel_for(0, out, kWeightRowsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; n += kTileWeightRows) {
       const int64_t n_end = std::min(end, n + kTileWeightRows);
-      int64_t r = 0;
-      for (; r + kGroupRows <= rows; r += kGroupRows) {
-        if (r == 0 && kPrefetch)
-          small_linear_span<kGroupRows, kTileWeightRows, true>(x, x_stride, w, in, in_vec, y,
-                                                               out, n, n_end);
-        else
-          small_linear_span<kGroupRows, kTileWeightRows>(x + r * x_stride, x_stride, w, in,
-                                                         in_vec, y + r * out, out, n, n_end);
-      }
+      // The first group (there is one: rows > 8) fetches the next block while the block is
+      // read from memory; the others find it in L1.
+      small_linear_span<kGroupRows, kTileWeightRows, kPrefetch>(x, x_stride, w, in, in_vec, y,
+                                                                out, n, n_end);
+      int64_t r = kGroupRows;
+      for (; r + kGroupRows <= rows; r += kGroupRows)
+        small_linear_span<kGroupRows, kTileWeightRows>(x + r * x_stride, x_stride, w, in,
+                                                       in_vec, y + r * out, out, n, n_end);
       small_linear_rest<kGroupRows - 1>(x + r * x_stride, x_stride, rows - r, w, in, in_vec,
                                         y + r * out, out, n, n_end);
     }

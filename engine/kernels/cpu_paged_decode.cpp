@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "cpu_vec.h"
@@ -31,12 +32,7 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
   return acc;
 }
 
-// Fetch floats [begin, end) of `p` toward L1 ahead of their use, a cache line at a time
-// (a prefetch never faults; the caller keeps the range inside its block anyway).
-inline void prefetch(const float* p, int64_t begin, int64_t end) {
-  constexpr int64_t kLineFloats = 64 / sizeof(float);
-  for (int64_t i = begin; i < end; i += kLineFloats) __builtin_prefetch(p + i, 0, 3);
-}
+using pdserve_vec::prefetch;
 
 inline void axpy(float alpha, const float* __restrict x, float* __restrict y, int64_t n) {
 #pragma omp simd
@@ -166,6 +162,13 @@ torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor key_cach
         continue;
       }
       const int32_t* table = table_ptr + seq * max_blocks;
+      // The block after the one at token `start`: its offset in the cache and how many of the
+      // sequence's tokens it holds (0 past the last).
+      auto next_block = [&](int64_t start) -> std::pair<int64_t, int64_t> {
+        const int64_t next = start + block_size;
+        if (next >= seq_len) return {0, 0};
+        return {table[next / block_size] * block_stride, std::min(block_size, seq_len - next)};
+      };
       scores.resize(num_heads * seq_len);  // [num_heads, seq_len]
       // Pass 1: scaled scores. A token's K rows (all KV heads) are read in memory order.
       for (int64_t start = 0; start < seq_len; start += block_size) {
@@ -173,12 +176,10 @@ torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor key_cach
         const float* k_block = k_ptr + table[start / block_size] * block_stride;
         // The next block's K rows, token by token while this block's are read: the rows of a
         // sequence lie in scattered blocks, which the hardware's prefetcher cannot foresee.
-        const int64_t next = start + block_size;
-        const int64_t n_next = std::max<int64_t>(0, std::min(block_size, seq_len - next));
-        const float* k_next =
-            n_next > 0 ? k_ptr + table[next / block_size] * block_stride : k_block;
+        const auto [next_offset, n_next] = next_block(start);
         for (int64_t t = 0; t < n; ++t) {
-          if (t < n_next) prefetch(k_next, t * token_stride, (t + 1) * token_stride);
+          if (t < n_next)
+            prefetch(k_ptr + next_offset, t * token_stride, (t + 1) * token_stride);
           const float* k_token = k_block + t * token_stride;
           for (int64_t h = 0; h < num_heads; ++h) {
             const float* k = k_token + (h / group) * head_stride;
@@ -223,10 +224,8 @@ torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor key_cach
       for (int64_t start = 0; start < seq_len; start += block_size) {
         const int64_t n = std::min(block_size, seq_len - start);
         const float* v_block = v_ptr + table[start / block_size] * block_stride;
-        const int64_t next = start + block_size;
-        if (next < seq_len)  // the next block's V rows, as pass 1 does
-          prefetch(v_ptr + table[next / block_size] * block_stride, 0,
-                   std::min(block_size, seq_len - next) * token_stride);
+        const auto [next_offset, n_next] = next_block(start);  // its V rows, all at once
+        prefetch(v_ptr + next_offset, 0, n_next * token_stride);
 #if defined(__AVX2__) && defined(__FMA__)
         if (vectors) {
           for (int64_t kv = 0; kv < num_kv_heads; ++kv)
