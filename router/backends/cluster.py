@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.outputs import RequestDelta
+from engine.request import FinishReason
 from engine.wire import (
     KVTransferFailedError,
     NoCapacityError,
@@ -59,6 +60,9 @@ STATS_TIMEOUT_S = 5.0  # a worker's stats call; past it the worker is not chosen
 # reserved or pinned) cannot change its stats by itself: it is polled this often, not at
 # ``stats_interval_s``.
 IDLE_STATS_INTERVAL_S = 2.0
+# After D's stream ends, how long the router waits for P's acknowledgment of the request's KV
+# transfer before it stops watching (its figures go into the KV transfer metrics).
+TRANSFER_ACK_GRACE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -371,6 +375,7 @@ class ClusterBackend:
         # Until P's sender is acknowledged, P's death or a failed transfer ends the attempt
         # even though D, still waiting for the KV, would only notice when the lease ends.
         transfer = asyncio.ensure_future(self._watch_transfer(prefill, worker_request_id))
+        finished = False  # D sent the request's last token
         try:
             yield RequestDelta(
                 request_id=request_id,
@@ -387,8 +392,15 @@ class ClusterBackend:
                 # Copied only where D's own count differs (often equal; a copy costs ~3 us).
                 if delta.num_cached_tokens != cached:
                     delta = dataclasses.replace(delta, num_cached_tokens=cached)
+                finished = delta.finish_reason not in (None, FinishReason.ABORT)
                 yield delta
         finally:
+            if finished and not transfer.done():
+                # D decoded to the end, so the KV arrived; P's acknowledgment (the transfer's
+                # figures) can still be on its way when a short request ends (the consumer
+                # closes this stream at the last token): wait a little for it.
+                with contextlib.suppress(asyncio.TimeoutError, _AttemptFailed):
+                    await asyncio.wait_for(transfer, TRANSFER_ACK_GRACE_S)
             transfer.cancel()
 
     async def _watch_transfer(self, prefill: WorkerClient, worker_request_id: str) -> None:
