@@ -3,19 +3,18 @@
 For each model and decode batch size: the median time of an engine step that decodes
 ``batch`` sequences (128-token prompts, already prefilled), with the projections through
 ``F.linear`` (``--linear-backend torch``), through oneDNN's prepacked GEMM for every row
-count (what ``onednn`` did before single rows took the plain weight), as ``onednn`` does
-now (up to 64 rows through ``cpu_layer_ops.small_linear``), with ``small_linear`` up to 8
-rows only (``small-linear-8``, as at 80342e5), as it did before that (a single row through
-``F.linear``, more through oneDNN: ``no-small-linear``), and as ``onednn`` with
-the norms, residual adds and rotary embedding as torch ops instead of the C++ layer ops
-(``torch-layer-ops``). The
-engines run in turn, ``--rounds`` times each, so the machine's drift hits them alike. One
-torch thread, as the serving workers run.
+count (what ``onednn`` did before single rows took the plain weight), through oneDNN from two
+rows and the plain weight at one (``no-panels``), as the engine runs now (every row count
+short of a prefill through ``cpu_layer_ops.panel_linear``: ``panels``), and with the norms,
+residual adds and rotary embedding as torch ops instead of the C++ layer ops
+(``torch-layer-ops``, projections as ``no-panels``). The engines run in turn, ``--rounds``
+times each, so the machine's drift hits them alike. One torch thread, as the serving
+workers run. (Up to c2db5c7 the decode rows went through ``small_linear``, a dot-product
+loop on the plain weight; compare with a worktree of it, ``onednn`` there.)
 
     .venv/bin/python -m benchmarks.decode_step_cpu --models tiny,dummy-100m,smollm2
-    .venv/bin/python -m benchmarks.decode_step_cpu --variants onednn,torch-layer-ops
-    .venv/bin/python -m benchmarks.decode_step_cpu --variants onednn,no-small-linear
-    .venv/bin/python -m benchmarks.decode_step_cpu --variants onednn,small-linear-8
+    .venv/bin/python -m benchmarks.decode_step_cpu --variants panels,torch-layer-ops
+    .venv/bin/python -m benchmarks.decode_step_cpu --variants panels,no-panels
 
 Writes ``benchmarks/results/decode_step_cpu.json``.
 """
@@ -37,15 +36,13 @@ from engine.llm import LLM
 from engine.models.layers import PackedLinear
 from engine.sampling_params import SamplingParams
 
-# name -> (linear_backend, PackedLinear.single_row_plain, C++ layer ops, small_linear up to
-# this many rows: None its limit, 0 not at all)
-VARIANTS: dict[str, tuple[str, bool, bool, int | None]] = {
-    "torch": ("torch", True, True, None),
-    "onednn-every-row": ("onednn", False, True, 0),
-    "onednn": ("onednn", True, True, None),
-    "small-linear-8": ("onednn", True, True, 8),
-    "no-small-linear": ("onednn", True, True, 0),
-    "torch-layer-ops": ("onednn", True, False, 0),
+# name -> (linear_backend, PackedLinear.single_row_plain, C++ layer ops, panel_linear)
+VARIANTS: dict[str, tuple[str, bool, bool, bool]] = {
+    "torch": ("torch", True, True, False),
+    "onednn-every-row": ("onednn", False, True, False),
+    "no-panels": ("onednn", True, True, False),
+    "panels": ("onednn", True, True, True),
+    "torch-layer-ops": ("onednn", True, False, False),
 }
 
 
@@ -53,12 +50,12 @@ def _engine(
     model: str,
     linear_backend: str,
     layer_ops: bool,
-    small_rows: int | None,
+    panels: bool,
     batch: int,
     vocab_limit: int,
 ):
     engine = LLM(model, device="cpu", dtype="float32", linear_backend=linear_backend).engine
-    engine.runner.model.use_cpu_layer_ops(layer_ops and cpu_ops_available(), small_rows)
+    engine.runner.model.use_cpu_layer_ops(layer_ops and cpu_ops_available(), panels)
     rng = random.Random(0)
     for i in range(batch):
         prompt = [rng.randrange(100, vocab_limit) for _ in range(128)]
@@ -74,8 +71,8 @@ def measure(
 ) -> dict[str, float]:
     engines = {}
     for name in variants:
-        backend, _, layer_ops, small_rows = VARIANTS[name]
-        engines[name] = _engine(model, backend, layer_ops, small_rows, batch, vocab_limit=2000)
+        backend, _, layer_ops, panels = VARIANTS[name]
+        engines[name] = _engine(model, backend, layer_ops, panels, batch, vocab_limit=2000)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, engine in engines.items():

@@ -1,6 +1,6 @@
 // The small per-layer ops of a decoder on the CPU, float32: RMSNorm (with the residual add
-// before it fused in), the rotary embedding in place, and the projections of a decode batch
-// of up to 64 rows (small_linear, at the end).
+// before it fused in), the rotary embedding in place, and the projections of anything short
+// of a prefill (panel_linear, at the end).
 //
 // In torch each of them is several ops (RMSNorm: pow, mean, add, rsqrt, mul, mul; rotary:
 // two slices, a negation, a concatenation, two products and a sum), ~25 us apiece at a decode
@@ -148,8 +148,9 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t num_
 }
 
 // ---------------------------------------------------------------------------------------------
-// A projection of a few rows (a decode batch of up to kSmallLinearRows sequences):
-// y = x weight^T (+ bias), weight [out, in] in torch's own layout.
+// A projection of a few rows (a decode batch of up to kSmallLinearRows sequences; the model
+// sends it up to four, panel_linear below takes more): y = x weight^T (+ bias), weight
+// [out, in] in torch's own layout.
 //
 // With so few rows a projection is bound by reading its weight from memory. MKL's sgemm on
 // the plain weight rereads it for every few rows, and oneDNN's GEMM on its prepacked weight
@@ -159,34 +160,31 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t num_
 // 0.9x), and whole steps of 1-8 rows are 5-34% shorter (benchmarks/decode_step_cpu.py).
 // Here each weight row is read once and multiplied into every row of x while it is in
 // registers: a block of NB weight rows against R rows of x keeps NB x R accumulators of one
-// vector each (AVX2: at most 8 of 16 registers plus the loads up to 8 rows; 12 for the
-// groups of three rows that 9-64 rows go through, small_linear_groups, where steps are 5-14%
-// shorter than with oneDNN). The sums run in the vector's lanes and are added up at the end,
-// so a result differs from F.linear's by float32 rounding only.
+// vector each (AVX2: at most 8 of 16 registers plus the loads). The sums run in the vector's
+// lanes and are added up at the end, so a result differs from F.linear's by float32 rounding
+// only. (Up to c2db5c7 it took 9-64 rows too, in groups; panel_linear does that faster.)
 
 namespace {
 
-constexpr int64_t kSmallLinearRows = 64;  // up to 8 rows at once; 9-64 in groups
-constexpr int64_t kTileWeightRows = 4;  // in the groups: four weight rows, in L1
+constexpr int64_t kSmallLinearRows = 8;  // all at once
 constexpr int64_t kWeightRowsPerTask = 64;
 
 // On an AVX-512 machine the AVX2 loop ran decode steps of 4-32 rows 1.2-1.3x slower than
 // oneDNN's own AVX-512 GEMM (benchmarks/decode_step_cpu.py, dummy-100m): there the loop works
-// in 16-float vectors (cpu_vec.h) with twice the registers, groups of six rows past eight,
-// and fetches the next block of weight rows into L1 while it multiplies this one (1.2-1.5x
-// shorter at 4-8 rows of a whole step's cold weights, 3-9% at 12-64). The AVX2 build keeps
-// the blocking it was measured with and does not prefetch (not measured there).
+// in 16-float vectors (cpu_vec.h) with twice the registers, and fetches the next block of
+// weight rows into L1 while it multiplies this one (1.2-1.5x shorter at 4-8 rows of a whole
+// step's cold weights). The AVX2 build keeps the blocking it was measured with and does not
+// prefetch (not measured there).
 using pdserve_vec::kLanes;
+#if defined(__AVX2__) && defined(__FMA__)  // without them, plain loops (cpu_vec.h)
 using pdserve_vec::sum_lanes;
 using pdserve_vec::Vec;
 using pdserve_vec::vfma;
 using pdserve_vec::vload;
 using pdserve_vec::vzero;
+#endif
 constexpr bool kSmallLinearVectorized = pdserve_vec::kVectorized;
 constexpr int kAccumulators = pdserve_vec::kRegisters / 2;  // the rest: weight rows and x
-// Rows per group past eight, against kTileWeightRows weight rows: AVX-512 24 accumulators,
-// the four weight rows and x in 29 of its 32 registers; AVX2 12 of 16.
-constexpr int kGroupRows = pdserve_vec::kAvx512 ? 6 : 3;
 constexpr bool kPrefetch = pdserve_vec::kAvx512;
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -255,43 +253,6 @@ void small_linear_rows(const float* x, int64_t x_stride, const float* w, int64_t
   });
 }
 
-// The last `R` rows of a group (R < kGroupRows) against one block of weight rows.
-template <int R>
-void small_linear_rest(const float* x, int64_t x_stride, int64_t rest, const float* w,
-                       int64_t in, int64_t in_vec, float* y, int64_t out, int64_t n,
-                       int64_t n_end) {
-  if constexpr (R > 0) {
-    if (rest == R)
-      small_linear_span<R, kTileWeightRows>(x, x_stride, w, in, in_vec, y, out, n, n_end);
-    else
-      small_linear_rest<R - 1>(x, x_stride, rest, w, in, in_vec, y, out, n, n_end);
-  }
-}
-
-// More than eight rows, in groups of kGroupRows against blocks of four weight rows (12 of
-// AVX2's 16 registers accumulate, 24 of AVX-512's 32): each block of the weight is read from
-// memory once, by the first group, and from L1 by the others, while the rows of x come from
-// L2.
-void small_linear_groups(const float* x, int64_t x_stride, int64_t rows, const float* w,
-                         int64_t in, float* y, int64_t out) {
-  const int64_t in_vec = in - in % kLanes;
-  at::parallel_for(0, out, kWeightRowsPerTask, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; n += kTileWeightRows) {
-      const int64_t n_end = std::min(end, n + kTileWeightRows);
-      // The first group (there is one: rows > 8) fetches the next block while the block is
-      // read from memory; the others find it in L1.
-      small_linear_span<kGroupRows, kTileWeightRows, kPrefetch>(x, x_stride, w, in, in_vec, y,
-                                                                out, n, n_end);
-      int64_t r = kGroupRows;
-      for (; r + kGroupRows <= rows; r += kGroupRows)
-        small_linear_span<kGroupRows, kTileWeightRows>(x + r * x_stride, x_stride, w, in,
-                                                       in_vec, y + r * out, out, n, n_end);
-      small_linear_rest<kGroupRows - 1>(x + r * x_stride, x_stride, rows - r, w, in, in_vec,
-                                        y + r * out, out, n, n_end);
-    }
-  });
-}
-
 }  // namespace
 
 // x [rows <= kSmallLinearRows, in] (rows may be strided, each contiguous), weight [out, in]
@@ -328,8 +289,7 @@ torch::Tensor small_linear(torch::Tensor x, torch::Tensor weight,
     case 5: small_linear_rows<5>(x_ptr, x_stride, w_ptr, in, y_ptr, out); break;
     case 6: small_linear_rows<6>(x_ptr, x_stride, w_ptr, in, y_ptr, out); break;
     case 7: small_linear_rows<7>(x_ptr, x_stride, w_ptr, in, y_ptr, out); break;
-    case 8: small_linear_rows<8>(x_ptr, x_stride, w_ptr, in, y_ptr, out); break;
-    default: small_linear_groups(x_ptr, x_stride, rows, w_ptr, in, y_ptr, out); break;
+    default: small_linear_rows<8>(x_ptr, x_stride, w_ptr, in, y_ptr, out); break;
   }
   if (in % kLanes != 0 || bias_ptr != nullptr) {  // the columns past the last vector, the bias
     for (int64_t r = 0; r < rows; ++r)
@@ -346,3 +306,182 @@ torch::Tensor small_linear(torch::Tensor x, torch::Tensor weight,
 // Up to how many rows small_linear takes, and 0 where it was built without AVX2 and FMA
 // (then it is correct but slower than oneDNN, and the model does not use it).
 int64_t small_linear_rows_limit() { return kSmallLinearVectorized ? kSmallLinearRows : 0; }
+
+// ---------------------------------------------------------------------------------------------
+// The projections of everything short of a prefill past small_linear's few rows
+// (panel_linear): a decode batch, a short prefill chunk. torch's F.linear (MKL, plain weight)
+// rereads the weight for every few rows of a small batch, and oneDNN's GEMM on its prepacked
+// weight is blocked for more rows; both, and small_linear's groups of rows that took 9-64
+// rows up to c2db5c7 (dot products on the weight in torch's layout), ran 8-64 rows at 90-125
+// GFLOP/s on one AVX-512 core whose FMAs peak at ~185, the weight cold.
+//
+// Here the weight is repacked once (panel_pack) into panels of kPanelWidth output columns,
+// [panel][in][kPanelWidth]: a panel is one contiguous stream, and a row tile of x times a
+// panel is kPanelRows x kPanelVecs accumulators (AVX-512 8 x 3 = 24 of 32 registers, AVX2
+// 6 x 2 = 12 of 16), each FMA a broadcast of one x value into one vector of the panel's
+// row k. No sums across lanes, and every row tile after the first reads the panel from L2.
+// The panel after this one is fetched into L2 while this one is multiplied, a few cache
+// lines per k spread over all of this panel's row tiles: without it the first tile of every
+// panel waited on memory (1.5-1.9x slower at 16-64 rows). A scratch benchmark of one cold
+// projection at a time: 16-64 rows 1.2-1.6x oneDNN's speed, 128-256 rows 1.04-1.1x, from 512
+// rows all level (~180 GFLOP/s; the caller uses MKL there); at 1-4 rows small_linear is a
+// few percent faster, and the model sends it those. Each output is one FMA chain over k: it
+// differs from F.linear's by float32 rounding only, and is the same whichever thread runs it.
+
+namespace {
+
+#if defined(__AVX2__) && defined(__FMA__)
+using pdserve_vec::vadd;
+using pdserve_vec::vbroadcast;
+using pdserve_vec::vstore;
+#endif
+constexpr int kPanelVecs = pdserve_vec::kAvx512 ? 3 : 2;
+constexpr int kPanelRows = pdserve_vec::kAvx512 ? 8 : 6;
+constexpr int64_t kPanelWidth = kPanelVecs * kLanes;  // 48 (AVX-512) or 16 columns
+constexpr int64_t kCacheLine = 64;
+
+// y[r][0, cols) (+ bias) for R rows of x (row stride x_stride) times one panel (`in` rows
+// of kPanelWidth floats); meanwhile `fetch_lines` cache lines from `fetch` into L2.
+template <int R>
+void panel_tile(const float* x, int64_t x_stride, const float* panel, int64_t in,
+                const float* bias, float* y, int64_t y_stride, int64_t cols,
+                const char* fetch, int64_t fetch_lines) {
+  const int64_t lines_per_k = (fetch_lines + in - 1) / std::max<int64_t>(in, 1);
+  const char* fetch_end = fetch + fetch_lines * kCacheLine;
+#if defined(__AVX2__) && defined(__FMA__)
+  Vec acc[R][kPanelVecs];
+  PDSERVE_UNROLLED for (int r = 0; r < R; ++r)
+    PDSERVE_UNROLLED for (int j = 0; j < kPanelVecs; ++j) acc[r][j] = vzero();
+  for (int64_t k = 0; k < in; ++k) {
+    const float* w = panel + k * kPanelWidth;
+    Vec wv[kPanelVecs];
+    PDSERVE_UNROLLED for (int j = 0; j < kPanelVecs; ++j) wv[j] = vload(w + j * kLanes);
+    PDSERVE_UNROLLED for (int r = 0; r < R; ++r) {
+      const Vec xv = vbroadcast(x[r * x_stride + k]);
+      PDSERVE_UNROLLED for (int j = 0; j < kPanelVecs; ++j) acc[r][j] = vfma(xv, wv[j], acc[r][j]);
+    }
+    for (int64_t i = 0; i < lines_per_k && fetch < fetch_end; ++i, fetch += kCacheLine)
+      __builtin_prefetch(fetch, 0, 2);  // into L2
+  }
+  // Unrolled like the loop above: indexed by a variable row, acc would live in memory (GCC
+  // then stored every accumulator after every FMA: 1.4x slower at 32-64 rows).
+  PDSERVE_UNROLLED for (int r = 0; r < R; ++r) {
+    if (cols == kPanelWidth) {  // the last panel may be narrower: through a buffer
+      PDSERVE_UNROLLED for (int j = 0; j < kPanelVecs; ++j)
+        vstore(y + r * y_stride + j * kLanes,
+               bias ? vadd(acc[r][j], vload(bias + j * kLanes)) : acc[r][j]);
+    } else {
+      float row[kPanelWidth];
+      PDSERVE_UNROLLED for (int j = 0; j < kPanelVecs; ++j) vstore(row + j * kLanes, acc[r][j]);
+      for (int64_t c = 0; c < cols; ++c) y[r * y_stride + c] = bias ? row[c] + bias[c] : row[c];
+    }
+  }
+#else  // plain C++ (correct, not fast: the model does not use it, panel_linear_pays)
+  (void)fetch_end;
+  for (int r = 0; r < R; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      float sum = 0.0f;
+      for (int64_t k = 0; k < in; ++k) sum += x[r * x_stride + k] * panel[k * kPanelWidth + c];
+      y[r * y_stride + c] = bias ? sum + bias[c] : sum;
+    }
+#endif
+}
+
+// The last rows of x, fewer than kPanelRows (R counts down to them).
+template <int R>
+void panel_tail(int64_t rows, const float* x, int64_t x_stride, const float* panel, int64_t in,
+                const float* bias, float* y, int64_t y_stride, int64_t cols, const char* fetch,
+                int64_t fetch_lines) {
+  if constexpr (R > 0) {
+    if (rows == R)
+      panel_tile<R>(x, x_stride, panel, in, bias, y, y_stride, cols, fetch, fetch_lines);
+    else
+      panel_tail<R - 1>(rows, x, x_stride, panel, in, bias, y, y_stride, cols, fetch,
+                        fetch_lines);
+  }
+}
+
+}  // namespace
+
+// weight [out, in] float32 (any strides) -> panels [ceil(out / kPanelWidth), in,
+// kPanelWidth], the columns past `out` zero.
+torch::Tensor panel_pack(torch::Tensor weight) {
+  TORCH_CHECK_VALUE(weight.device().is_cpu() && weight.scalar_type() == torch::kFloat32 &&
+                        weight.dim() == 2 && weight.size(0) > 0,
+                    "weight must be a float32 CPU [out, in], got ", weight.scalar_type(), " ",
+                    weight.sizes(), " on ", weight.device());
+  const torch::Tensor w = weight.contiguous();
+  const int64_t out = w.size(0), in = w.size(1);
+  const int64_t num_panels = (out + kPanelWidth - 1) / kPanelWidth;
+  auto panels = torch::zeros({num_panels, in, kPanelWidth}, w.options());
+  const float* src = w.data_ptr<float>();
+  float* dst = panels.data_ptr<float>();
+  at::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p)
+      for (int64_t c = 0; c < kPanelWidth && p * kPanelWidth + c < out; ++c)
+        for (int64_t k = 0; k < in; ++k)
+          dst[(p * in + k) * kPanelWidth + c] = src[(p * kPanelWidth + c) * in + k];
+  });
+  return panels;
+}
+
+// x [rows, in] (rows may be strided, each contiguous) times panel_pack's panels of a weight
+// [out, in], plus bias [out] or None -> a new contiguous [rows, out] = x weight^T + bias.
+torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, int64_t out,
+                           std::optional<torch::Tensor> bias) {
+  TORCH_CHECK_VALUE(panels.device().is_cpu() && panels.scalar_type() == torch::kFloat32 &&
+                        panels.dim() == 3 && panels.size(2) == kPanelWidth &&
+                        panels.is_contiguous(),
+                    "panels must be panel_pack's contiguous float32 CPU [panels, in, ",
+                    kPanelWidth, "], got ", panels.scalar_type(), " ", panels.sizes());
+  const int64_t num_panels = panels.size(0), in = panels.size(1);
+  TORCH_CHECK_VALUE(out > (num_panels - 1) * kPanelWidth && out <= num_panels * kPanelWidth,
+                    num_panels, " panels of ", kPanelWidth, " columns cannot hold ", out,
+                    " output features");
+  check_rows("x", x, in);
+  const float* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->device().is_cpu() && bias->scalar_type() == torch::kFloat32 &&
+                          bias->dim() == 1 && bias->size(0) == out && bias->is_contiguous(),
+                      "bias must be a contiguous float32 CPU [", out, "], got ",
+                      bias->scalar_type(), " ", bias->sizes());
+    bias_ptr = bias->data_ptr<float>();
+  }
+  const int64_t rows = x.size(0), x_stride = x.stride(0);
+  auto y = torch::empty({rows, out}, x.options());
+  if (rows == 0) return y;
+  const float* x_ptr = x.data_ptr<float>();
+  const float* p_ptr = panels.data_ptr<float>();
+  float* y_ptr = y.data_ptr<float>();
+  const int64_t panel_floats = in * kPanelWidth;
+  const int64_t panel_lines = panel_floats * static_cast<int64_t>(sizeof(float)) / kCacheLine;
+  const int64_t tiles = (rows + kPanelRows - 1) / kPanelRows;
+  const int64_t lines_per_tile = (panel_lines + tiles - 1) / tiles;
+  at::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const float* panel = p_ptr + p * panel_floats;
+      const int64_t col = p * kPanelWidth, cols = std::min(kPanelWidth, out - col);
+      const float* b = bias_ptr ? bias_ptr + col : nullptr;
+      // This task's next panel, a share of it per row tile (none after the task's last).
+      const char* next = reinterpret_cast<const char*>(panel + panel_floats);
+      const bool fetch_next = p + 1 < end;
+      int64_t r = 0;
+      for (int64_t t = 0; r < rows; ++t, r += kPanelRows) {
+        const int64_t first = std::min(panel_lines, t * lines_per_tile);
+        const int64_t lines = fetch_next ? std::min(panel_lines - first, lines_per_tile) : 0;
+        const char* fetch = next + first * kCacheLine;
+        if (rows - r >= kPanelRows)
+          panel_tile<kPanelRows>(x_ptr + r * x_stride, x_stride, panel, in, b,
+                                 y_ptr + r * out + col, out, cols, fetch, lines);
+        else
+          panel_tail<kPanelRows - 1>(rows - r, x_ptr + r * x_stride, x_stride, panel, in, b,
+                                     y_ptr + r * out + col, out, cols, fetch, lines);
+      }
+    }
+  });
+  return y;
+}
+
+// Whether panel_linear was built with vectors (AVX2 and FMA, or AVX-512): without them it is
+// correct but slower than oneDNN, and the model does not use it.
+bool panel_linear_pays() { return pdserve_vec::kVectorized; }

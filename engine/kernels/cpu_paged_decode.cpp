@@ -262,6 +262,10 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t num_
 torch::Tensor small_linear(torch::Tensor x, torch::Tensor weight,
                            std::optional<torch::Tensor> bias);
 int64_t small_linear_rows_limit();
+torch::Tensor panel_pack(torch::Tensor weight);
+torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, int64_t out,
+                           std::optional<torch::Tensor> bias);
+bool panel_linear_pays();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
@@ -272,5 +276,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("small_linear", &small_linear, "x weight^T + bias for a few rows, CPU float32",
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
   m.def("small_linear_rows_limit", &small_linear_rows_limit,
-        "Up to how many rows small_linear pays (0: built without AVX2/FMA)");
+        "Up to how many rows small_linear takes (0: built without AVX2/FMA)");
+  m.def("panel_pack", &panel_pack, "A [out, in] weight in panel_linear's panels, CPU float32");
+  m.def("panel_linear", &panel_linear, "x weight^T + bias on panel_pack's panels, CPU float32",
+        py::arg("x"), py::arg("panels"), py::arg("out"), py::arg("bias") = py::none());
+  m.def("panel_linear_pays", &panel_linear_pays,
+        "Whether panel_linear was built with vectors (else slower than oneDNN)");
 }

@@ -43,7 +43,7 @@ class CpuKernelUnavailableError(RuntimeError):
 
 def _simd_flags() -> list[str]:
     """AVX2/FMA code only where this CPU has them, and AVX-512 where it has that too (the
-    build runs on the serving machine; ``small_linear`` then works in 16-float vectors)."""
+    build runs on the serving machine; ``panel_linear`` then works in 16-float vectors)."""
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:

@@ -55,31 +55,35 @@ def silu_and_mul(
 
 
 class PackedLinear(nn.Module):
-    """A CPU ``nn.Linear`` whose weight oneDNN has reordered once into its blocked layout,
-    beside the plain weight for single rows.
+    """A CPU ``nn.Linear`` whose weight is repacked once for small row counts, beside the
+    plain weight for prefills: the weights are held twice.
 
     torch's ``F.linear`` (MKL sgemm) rereads the weight for every few rows of a small batch:
     on one core of this project's AVX2 machine a 768 x 4096 projection takes 3-7 ms for 4-32
     rows against ~2 ms for the prepacked oneDNN GEMM, and the 32000-row logits 45-80 ms against
     20-40 ms (``benchmarks/linear_cpu.py``). At exactly one row (a lone decode) MKL is the faster
     one (a lone decode step of the 77M dummy Llama: 33 ms against 41 ms packed), so a single
-    row takes the plain weight: the projections' weights are held twice. The packed weight is
-    opaque (layout ``torch._mkldnn``): nothing else can read it, so pack only after the
-    weights are loaded.
+    row takes the plain weight. oneDNN's packed weight is opaque (layout ``torch._mkldnn``):
+    nothing else can read it, so pack only after the weights are loaded.
 
-    A decode batch of up to ``small_rows`` rows (set by the model's ``use_cpu_layer_ops``)
-    goes through ``cpu_layer_ops.small_linear`` on the plain weight instead, which reads it
-    faster than either library at those rows (``benchmarks/linear_cpu.py``).
+    Where the C++ layer ops are built with vectors, the model's ``use_cpu_layer_ops`` swaps
+    oneDNN's copy for ``cpu_layer_ops.panel_pack``'s panels (``use_panels``): up to
+    ``small_linear_rows`` rows go through ``cpu_layer_ops.small_linear`` on the plain weight,
+    more (short of a prefill) through ``cpu_layer_ops.panel_linear``. Whole decode steps
+    (``benchmarks/decode_step_cpu.py``, AVX-512): at 8-32 rows 0.84-0.96x the time of
+    ``small_linear`` on dummy-100m and SmolLM2, at 1-4 rows ``small_linear`` is 2-9% ahead.
 
     A prefill chunk of ``plain_rows_per_thread`` rows per torch thread or more goes back to
     MKL on the plain weight: at those rows MKL's sgemm runs nearer the core's peak than
     oneDNN's (one core, 256-2048 rows: 85-93 against 78-82 GFLOP/s; a burst's 32 x 64-token
     prefill 6-11% shorter, ``benchmarks/prefill_cpu.py``); with two threads oneDNN is still
-    ahead at 128-256 rows and MKL from 512 (``benchmarks/linear_cpu.py --threads 2``).
+    ahead at 128-256 rows and MKL from 512 (``benchmarks/linear_cpu.py --threads 2``). The
+    panels are level with MKL from 512 rows on one AVX-512 core (~180 GFLOP/s).
     """
 
     single_row_plain = True  # False: one row too through oneDNN (benchmarks/decode_step_cpu.py)
-    plain_rows_per_thread = 256  # 0: every row count above small_rows through oneDNN
+    plain_rows_per_thread = 256  # 0: every row count through the panels or oneDNN
+    small_linear_rows = 4  # with the panels: up to this many rows through small_linear
 
     def __init__(
         self,
@@ -89,25 +93,47 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)  # tied: not a copy
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        self.small_rows = 0  # up to this many rows through cpu_layer_ops.small_linear
+        # One packed copy at a time: oneDNN's, or the panels (``use_panels``).
+        self.packed_weight: torch.Tensor | None = self._onednn_weight()
+        self.panels: torch.Tensor | None = None
+        self.small_rows = 0  # up to this many rows through small_linear (``use_panels``)
+
+    def _onednn_weight(self) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+
+    def use_panels(self, enabled: bool = True) -> None:
+        """Project through ``cpu_layer_ops.panel_linear`` and, for a few rows where the plain
+        weight is contiguous, ``small_linear`` (the caller checks the ops load and pay),
+        repacking the weight into its panels in place of oneDNN's copy; or back."""
+        if enabled and self.panels is None:
+            self.panels = cpu_layer_ops.panel_pack(self.weight.detach())
+            self.packed_weight = None
+        elif not enabled and self.packed_weight is None:
+            self.packed_weight = self._onednn_weight()
+            self.panels = None
+        limit = min(self.small_linear_rows, cpu_layer_ops.small_linear_rows_limit())
+        self.small_rows = limit if enabled and self.weight.is_contiguous() else 0
 
     def forward(
         self,
         x: torch.Tensor,  # [num_tokens, in_features]
     ) -> torch.Tensor:  # [num_tokens, out_features]
         rows = x.shape[0]
-        if 0 < rows <= self.small_rows and x.stride(-1) == 1:
-            return cpu_layer_ops.small_linear(x, self.weight, self.bias)
-        if (rows == 1 and self.single_row_plain) or (
-            0 < self.plain_rows_per_thread * torch.get_num_threads() <= rows
-        ):
+        plain = 0 < self.plain_rows_per_thread * torch.get_num_threads() <= rows
+        if self.panels is not None:
+            if rows > 0 and not plain and x.stride(-1) == 1:
+                if rows <= self.small_rows:
+                    return cpu_layer_ops.small_linear(x, self.weight, self.bias)
+                return cpu_layer_ops.panel_linear(x, self.panels, self.out_features, self.bias)
+            return F.linear(x, self.weight, self.bias)
+        if (rows == 1 and self.single_row_plain) or plain:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, onednn"
+        packing = "panels" if self.panels is not None else "onednn"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {packing}"
 
 
 def pack_linears(module: nn.Module) -> int:

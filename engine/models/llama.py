@@ -179,21 +179,19 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None  # an untied head's weight lives on only in packed_logits
         pack_linears(self)
 
-    def use_cpu_layer_ops(self, enabled: bool = True, small_rows: int | None = None) -> None:
-        """Run the norms (with the residual adds), the rotary embedding and the prepacked
-        projections of decode batches of up to ``small_rows`` rows (None: as many as
-        ``small_linear`` takes; 0: none) as the C++ ops of ``engine.kernels.cpu_layer_ops``
-        (CPU, float32; the caller checks they load), or as torch ops again
-        (``enabled=False``)."""
-        limit = cpu_layer_ops.small_linear_rows_limit() if enabled else 0
-        small_rows = limit if small_rows is None else min(small_rows, limit)
+    def use_cpu_layer_ops(self, enabled: bool = True, panels: bool = True) -> None:
+        """Run the norms (with the residual adds), the rotary embedding and, with ``panels``
+        where the op is built with vectors, the prepacked projections short of a prefill as
+        the C++ ops of ``engine.kernels.cpu_layer_ops`` (CPU, float32; the caller checks they
+        load), or as torch ops and oneDNN again (``enabled=False``)."""
+        panels = enabled and panels and cpu_layer_ops.panel_linear_pays()
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.cpu_op = enabled
             elif isinstance(module, LlamaAttention):
                 module.cpu_rotary = enabled
-            elif isinstance(module, PackedLinear):  # the op reads the weight as [out, in]
-                module.small_rows = small_rows if module.weight.is_contiguous() else 0
+            elif isinstance(module, PackedLinear):
+                module.use_panels(panels)
 
     @classmethod
     def args_from_hf_config(cls, hf_config: Any) -> LlamaArgs:

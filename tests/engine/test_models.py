@@ -117,15 +117,15 @@ def test_projections_prepacked_for_onednn_match_hf(family):
 @pytest.mark.skipif(not cpu_ops_available(), reason="the CPU ops do not build here")
 def test_cpu_layer_ops_match_hf(family):
     """The norms, residual adds and rotary embedding as C++ ops, with the projections
-    prepacked and the decode rows' projections (step 3: three rows) through small_linear,
-    as the model runner sets a float32 CPU model up."""
+    prepacked and every projection short of a prefill (step 3: three rows) through the
+    panels, as the model runner sets a float32 CPU model up."""
     _, path, hf_model, _ = family
     model, _ = load_model(ModelConfig(model=str(path)), TorchAttentionBackend(), CPU)
     model.pack_for_cpu()
     model.use_cpu_layer_ops()
     assert all(m.cpu_op for m in model.modules() if isinstance(m, RMSNorm))
-    small_rows = {m.small_rows for m in model.modules() if isinstance(m, PackedLinear)}
-    assert small_rows == {cpu_layer_ops.small_linear_rows_limit()}
+    panels = [m.panels is not None for m in model.modules() if isinstance(m, PackedLinear)]
+    assert panels and all(panels) == cpu_layer_ops.panel_linear_pays()
     _check_chunked_prefill_and_decodes(hf_model, model)
 
 

@@ -1,5 +1,5 @@
 """The CPU layer ops (RMSNorm, the residual add fused into it, the rotary embedding in place,
-the projection of a few rows) against the torch ops they replace."""
+the projections short of a prefill) against the torch ops they replace."""
 
 import pytest
 import torch
@@ -102,13 +102,11 @@ def test_bad_arguments_are_refused_before_anything_is_read():
         cpu_layer_ops.rotary_(x, cos[:3], sin[:3], 2, 32)
 
 
-# Every row count up to 8 (each picks its own block of weight rows), then groups of three
-# with none, one and two rows left over (9-12, 31, 32, 64: the most the op takes), weight rows
+# Every row count small_linear takes (each picks its own block of weight rows), weight rows
 # that leave a remainder after every block size (97 = 4 * 24 + 1, across a task boundary at
 # 64), and input widths that are a multiple of 16 lanes (AVX-512), of 8 only (AVX2: 776) and of
-# neither (the tail is summed on its own). Groups of six rows (AVX-512) leave 1-5 over in 9-12
-# and 31.
-@pytest.mark.parametrize("rows", [*range(1, 13), 31, 32, 64])
+# neither (the tail is summed on its own).
+@pytest.mark.parametrize("rows", range(1, 9))
 @pytest.mark.parametrize("in_features", [768, 776, 83])
 @pytest.mark.parametrize("bias", [False, True])
 def test_small_linear_equals_f_linear(rows, in_features, bias):
@@ -122,56 +120,11 @@ def test_small_linear_equals_f_linear(rows, in_features, bias):
     torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.skipif(
-    not cpu_ops_available() or cpu_layer_ops.small_linear_rows_limit() == 0,
-    reason="the module was built without AVX2/FMA: the model keeps oneDNN",
-)
-def test_packed_linear_takes_small_linear_up_to_its_limit_and_onednn_above(monkeypatch):
-    limit = cpu_layer_ops.small_linear_rows_limit()
-    gen = torch.Generator().manual_seed(0)
-    weight, b = torch.randn(64, 48, generator=gen), torch.randn(64, generator=gen)
-    layer = PackedLinear(weight, b)
-    layer.small_rows = limit
-    calls = []
-    real = cpu_layer_ops.small_linear
-    monkeypatch.setattr(
-        cpu_layer_ops, "small_linear", lambda *args: calls.append(len(args[0])) or real(*args)
-    )
-    for rows in (1, 9, limit, limit + 1, 2 * limit):
-        x = torch.randn(rows, 48, generator=gen)
-        with torch.inference_mode():
-            torch.testing.assert_close(layer(x), F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
-    assert calls == [1, 9, limit]
-
-
-@pytest.mark.skipif(
-    not cpu_ops_available() or cpu_layer_ops.small_linear_rows_limit() == 0,
-    reason="the module was built without AVX2/FMA: the model keeps oneDNN",
-)
-def test_the_model_routes_small_batches_only_where_the_weight_is_plain_rows(tmp_path):
-    """A projection whose weight is not contiguous [out, in] keeps oneDNN for every row count
-    instead of failing the step."""
-    path = make_hf_checkpoint(tmp_path, "llama")
-    model, _ = load_model(ModelConfig(model=str(path)), TorchAttentionBackend(), CPU)
-    model.pack_for_cpu()
-    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
-    odd = layers[0]
-    odd.weight = nn.Parameter(odd.weight.t().contiguous().t(), requires_grad=False)
-    model.use_cpu_layer_ops()
-    assert odd.small_rows == 0
-    assert {m.small_rows for m in layers[1:]} == {cpu_layer_ops.small_linear_rows_limit()}
-    x = torch.randn(3, odd.in_features)
-    with torch.inference_mode():
-        torch.testing.assert_close(odd(x), F.linear(x, odd.weight, odd.bias))
-    model.use_cpu_layer_ops(enabled=False)
-    assert {m.small_rows for m in layers} == {0}
-
-
 def test_small_linear_refuses_bad_arguments():
     weight = torch.randn(16, 32)
-    with pytest.raises(ValueError, match="1 to 64 rows, got 65"):
-        cpu_layer_ops.small_linear(torch.randn(65, 32), weight, None)
-    with pytest.raises(ValueError, match="1 to 64 rows, got 0"):
+    with pytest.raises(ValueError, match="1 to 8 rows, got 9"):
+        cpu_layer_ops.small_linear(torch.randn(9, 32), weight, None)
+    with pytest.raises(ValueError, match="1 to 8 rows, got 0"):
         cpu_layer_ops.small_linear(torch.randn(0, 32), weight, None)
     with pytest.raises(ValueError, match=r"x must be \[rows, 32\]"):
         cpu_layer_ops.small_linear(torch.randn(2, 31), weight, None)
@@ -181,3 +134,153 @@ def test_small_linear_refuses_bad_arguments():
         cpu_layer_ops.small_linear(torch.randn(2, 32), weight, torch.randn(15))
     with pytest.raises(ValueError, match="float32 CPU"):
         cpu_layer_ops.small_linear(torch.randn(2, 32).double(), weight, None)
+
+
+# Every row count up to 9 (AVX-512 tiles of eight rows, AVX2 of six: each short tile its own
+# code), 16-17 and 31-33 past whole tiles, 64 and 100; output widths of under one panel (5),
+# one and a bit (49: a zero-padded last panel at 48 and 16 columns) and many (97); input widths
+# that are a multiple of 16, of 8 only and of neither (no vector runs along them, every one
+# works); a bias or none.
+@pytest.mark.parametrize("rows", [*range(1, 10), 16, 17, 31, 32, 33, 64, 100])
+@pytest.mark.parametrize("out_features", [5, 49, 97])
+@pytest.mark.parametrize("in_features", [768, 776, 83])
+@pytest.mark.parametrize("bias", [False, True])
+def test_panel_linear_equals_f_linear(rows, out_features, in_features, bias):
+    gen = torch.Generator().manual_seed(rows * in_features + out_features + bias)
+    weight = torch.randn(out_features, in_features, generator=gen)
+    b = torch.randn(out_features, generator=gen) if bias else None
+    wide = torch.randn(rows, in_features + 5, generator=gen)
+    x = wide[:, 3 : 3 + in_features]  # strided rows, read in place
+    out = cpu_layer_ops.panel_linear(x, cpu_layer_ops.panel_pack(weight), out_features, b)
+    assert out.shape == (rows, out_features) and out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_panel_linear_splits_panels_across_threads(num_threads):
+    """Each thread takes a run of panels and fetches only its own next one: the results are
+    the same as on one thread, bit for bit (each output is one FMA chain, whoever runs it)."""
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(1000, 64, generator=gen)  # 21 panels of 48 or 63 of 16
+    x = torch.randn(20, 64, generator=gen)
+    panels = cpu_layer_ops.panel_pack(weight)
+    single = cpu_layer_ops.panel_linear(x, panels, 1000, None)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        out = cpu_layer_ops.panel_linear(x, panels, 1000, None)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(out, single)
+    torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-4)
+
+
+def test_panel_pack_reads_any_strides_and_zero_pads_the_last_panel():
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(40, 50, generator=gen).t()  # [50, 40], transposed strides
+    panels = cpu_layer_ops.panel_pack(weight)
+    width = panels.shape[2]
+    assert width in (16, 48) and panels.shape == (-(-50 // width), 40, width)
+    unpacked = panels.permute(0, 2, 1).reshape(-1, 40)  # [panels * width, in]
+    assert torch.equal(unpacked[:50], weight)
+    assert not unpacked[50:].any()
+
+
+@pytest.mark.skipif(
+    not cpu_ops_available() or not cpu_layer_ops.panel_linear_pays(),
+    reason="the module was built without AVX2/FMA: the model keeps oneDNN",
+)
+def test_packed_linear_takes_small_linear_then_the_panels_then_mkl(monkeypatch):
+    """With panels up to ``small_rows`` rows go through small_linear, more short of
+    ``plain_rows_per_thread`` through the panels, a prefill chunk through F.linear;
+    oneDNN's copy is gone, and comes back (the panels gone) when they are turned off."""
+    gen = torch.Generator().manual_seed(0)
+    weight, b = torch.randn(64, 48, generator=gen), torch.randn(64, generator=gen)
+    layer = PackedLinear(weight, b)
+    layer.use_panels()
+    small = layer.small_rows
+    assert small == min(PackedLinear.small_linear_rows, cpu_layer_ops.small_linear_rows_limit())
+    assert layer.packed_weight is None and layer.panels is not None
+    monkeypatch.setattr(PackedLinear, "plain_rows_per_thread", 100)
+    calls = []
+    for name in ("small_linear", "panel_linear"):
+        real = getattr(cpu_layer_ops, name)
+        monkeypatch.setattr(
+            cpu_layer_ops,
+            name,
+            lambda *args, name=name, real=real: calls.append((name, len(args[0]))) or real(*args),
+        )
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for rows in (1, small, small + 1, 64, 99, 100, 0):
+            x = torch.randn(rows, 48, generator=gen)
+            with torch.inference_mode():
+                out = layer(x)
+            torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
+        x = torch.randn(48, 3, generator=gen).t()  # rows not contiguous: F.linear
+        torch.testing.assert_close(layer(x), F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
+    finally:
+        torch.set_num_threads(previous)
+    expected = [("small_linear", 1), ("small_linear", small), ("panel_linear", small + 1)]
+    assert calls == [*expected, ("panel_linear", 64), ("panel_linear", 99)]
+    layer.use_panels(False)
+    assert layer.panels is None and layer.packed_weight is not None and layer.small_rows == 0
+    x = torch.randn(9, 48, generator=gen)
+    torch.testing.assert_close(layer(x), F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
+    assert len(calls) == 5
+
+
+@pytest.mark.skipif(
+    not cpu_ops_available() or not cpu_layer_ops.panel_linear_pays(),
+    reason="the module was built without AVX2/FMA: the model keeps oneDNN",
+)
+def test_the_model_packs_every_projection_in_panels_and_back(tmp_path):
+    """``use_cpu_layer_ops`` repacks every projection (a weight with transposed strides too,
+    which keeps small_linear off: it reads the plain weight as [out, in]) and the logits;
+    off again, oneDNN's copies come back."""
+    path = make_hf_checkpoint(tmp_path, "llama")
+    model, _ = load_model(ModelConfig(model=str(path)), TorchAttentionBackend(), CPU)
+    model.pack_for_cpu()
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert model.packed_logits in layers
+    odd = layers[0]
+    odd.weight = nn.Parameter(odd.weight.t().contiguous().t(), requires_grad=False)
+    model.use_cpu_layer_ops()
+    assert all(m.panels is not None and m.packed_weight is None for m in layers)
+    assert odd.small_rows == 0
+    assert {m.small_rows for m in layers[1:]} == {PackedLinear.small_linear_rows}
+    x = torch.randn(3, odd.in_features)
+    with torch.inference_mode():
+        torch.testing.assert_close(odd(x), F.linear(x, odd.weight, odd.bias))
+    model.use_cpu_layer_ops(enabled=False)
+    assert all(m.panels is None and m.packed_weight is not None for m in layers)
+    model.use_cpu_layer_ops(panels=False)  # the layer ops without the panels
+    assert all(m.panels is None for m in layers)
+    assert all(m.cpu_op for m in model.modules() if isinstance(m, RMSNorm))
+
+
+def test_panel_linear_refuses_bad_arguments():
+    weight = torch.randn(16, 32)
+    panels = cpu_layer_ops.panel_pack(weight)
+    width = panels.shape[2]
+    with pytest.raises(ValueError, match=r"x must be \[rows, 32\]"):
+        cpu_layer_ops.panel_linear(torch.randn(2, 31), panels, 16, None)
+    with pytest.raises(ValueError, match=r"x must be \[rows, 32\]"):
+        cpu_layer_ops.panel_linear(torch.randn(32, 2).t(), panels, 16, None)
+    with pytest.raises(ValueError, match=f"1 panels of {width} columns cannot hold {width + 1}"):
+        cpu_layer_ops.panel_linear(torch.randn(2, 32), panels, width + 1, None)
+    with pytest.raises(ValueError, match="cannot hold 0 output features"):
+        cpu_layer_ops.panel_linear(torch.randn(2, 32), panels, 0, None)
+    with pytest.raises(ValueError, match="panels must be panel_pack's"):
+        cpu_layer_ops.panel_linear(torch.randn(2, 32), weight, 16, None)
+    with pytest.raises(ValueError, match="panels must be panel_pack's"):
+        cpu_layer_ops.panel_linear(torch.randn(2, 32), panels.double(), 16, None)
+    with pytest.raises(ValueError, match=r"bias must be a contiguous float32 CPU \[16\]"):
+        cpu_layer_ops.panel_linear(torch.randn(2, 32), panels, 16, torch.randn(15))
+    with pytest.raises(ValueError, match="float32 CPU"):
+        cpu_layer_ops.panel_linear(torch.randn(2, 32).double(), panels, 16, None)
+    with pytest.raises(ValueError, match=r"weight must be a float32 CPU \[out, in\]"):
+        cpu_layer_ops.panel_pack(torch.randn(0, 32))
+    with pytest.raises(ValueError, match=r"weight must be a float32 CPU \[out, in\]"):
+        cpu_layer_ops.panel_pack(torch.randn(4, 4, 4))
