@@ -1,5 +1,6 @@
-"""CPU projections: torch's ``F.linear`` against the oneDNN-prepacked GEMM and, for a few
-rows, ``cpu_layer_ops.small_linear``. One run.
+"""CPU projections: torch's ``F.linear`` against the oneDNN-prepacked GEMM, the weight
+panels (``cpu_layer_ops.panel_linear``) and, for a few rows, ``cpu_layer_ops.small_linear``.
+One run.
 
 Every projection shape of the ~100M dummy Llama (hidden 768, 12/4 heads, MLP 2048, vocab
 32000 and the serving comparison's 2048) and of SmolLM2-135M (hidden 576, 9/3 heads, MLP
@@ -72,6 +73,10 @@ def _small(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return cpu_layer_ops.small_linear(x, weight, None)
 
 
+def _panels(x: torch.Tensor, packed: tuple[torch.Tensor, int]) -> torch.Tensor:
+    return cpu_layer_ops.panel_linear(x, packed[0], packed[1], None)
+
+
 def _cycle(fn, x: torch.Tensor, weights: list[torch.Tensor]):
     """``fn(x, weight)`` with the next copy of the weight each call: cold when there are many."""
     copies = itertools.cycle(weights)
@@ -88,11 +93,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     small_rows = cpu_layer_ops.small_linear_rows_limit() if cpu_ops_available() else 0
+    use_panels = cpu_ops_available() and cpu_layer_ops.panel_linear_pays()
     gen = torch.Generator().manual_seed(0)
     rows_out = []
     print(
         f"{'model':11} {'proj':13} {'rows':>5} {'F.linear ms':>12} {'oneDNN ms':>10} "
-        f"{'speedup':>8} {'small_linear ms':>16}"
+        f"{'speedup':>8} {'panels ms':>10} {'small_linear ms':>16}"
     )
     with torch.inference_mode():
         for (model, proj), (out_features, in_features) in SHAPES.items():
@@ -100,6 +106,9 @@ def main() -> None:
             copies = math.ceil(COLD_BYTES / (weight.numel() * 4)) if args.cold else 1
             weights = [weight] + [weight.clone() for _ in range(copies - 1)]
             packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
+            panels = (
+                [(cpu_layer_ops.panel_pack(w), out_features) for w in weights] if use_panels else []
+            )
 
             for rows in map(int, args.rows.split(",")):
                 if rows > 256 and out_features > 8192:
@@ -107,6 +116,7 @@ def main() -> None:
                 x = torch.randn(rows, in_features, generator=gen)
                 torch_s = _median_s(_cycle(F.linear, x, weights), args.budget_s)
                 onednn_s = _median_s(_cycle(_onednn, x, packed), args.budget_s)
+                panels_s = _median_s(_cycle(_panels, x, panels), args.budget_s) if panels else None
                 small_s = None
                 if rows <= small_rows:
                     small_s = _median_s(_cycle(_small, x, weights), args.budget_s)
@@ -122,14 +132,16 @@ def main() -> None:
                     "f_linear_ms": round(torch_s * 1e3, 4),
                     "onednn_ms": round(onednn_s * 1e3, 4),
                     "speedup": round(torch_s / onednn_s, 2),
+                    "panels_ms": None if panels_s is None else round(panels_s * 1e3, 4),
                     "small_linear_ms": None if small_s is None else round(small_s * 1e3, 4),
                     "rel_err": err / ref.abs().max().item(),
                 }
                 rows_out.append(row)
+                panels_cell = " " * 11 if panels_s is None else f" {panels_s * 1e3:10.3f}"
                 small_cell = "" if small_s is None else f"{small_s * 1e3:16.3f}"
                 print(
                     f"{model:11} {proj:13} {rows:5d} {row['f_linear_ms']:12.3f} "
-                    f"{row['onednn_ms']:10.3f} {row['speedup']:8.2f} {small_cell}",
+                    f"{row['onednn_ms']:10.3f} {row['speedup']:8.2f}{panels_cell} {small_cell}",
                     flush=True,
                 )
     args.out.parent.mkdir(parents=True, exist_ok=True)
