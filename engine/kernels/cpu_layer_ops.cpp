@@ -38,6 +38,16 @@ void check_rows(const char* name, const torch::Tensor& t, int64_t width) {
                     " with strides ", t.strides());
 }
 
+// A projection's bias [out] (contiguous float32) or nullptr for none.
+const float* check_bias(const std::optional<torch::Tensor>& bias, int64_t out) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK_VALUE(bias->device().is_cpu() && bias->scalar_type() == torch::kFloat32 &&
+                        bias->dim() == 1 && bias->size(0) == out && bias->is_contiguous(),
+                    "bias must be a contiguous float32 CPU [", out, "], got ",
+                    bias->scalar_type(), " ", bias->sizes());
+  return bias->data_ptr<float>();
+}
+
 int64_t check_weight(const torch::Tensor& weight) {
   TORCH_CHECK_VALUE(weight.device().is_cpu() && weight.scalar_type() == torch::kFloat32 &&
                         weight.dim() == 1 && weight.is_contiguous(),
@@ -268,14 +278,7 @@ torch::Tensor small_linear(torch::Tensor x, torch::Tensor weight,
   const int64_t rows = x.size(0);
   TORCH_CHECK_VALUE(rows >= 1 && rows <= kSmallLinearRows, "small_linear takes 1 to ",
                     kSmallLinearRows, " rows, got ", rows);
-  const float* bias_ptr = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->device().is_cpu() && bias->scalar_type() == torch::kFloat32 &&
-                          bias->dim() == 1 && bias->size(0) == out && bias->is_contiguous(),
-                      "bias must be a contiguous float32 CPU [", out, "], got ",
-                      bias->scalar_type(), " ", bias->sizes());
-    bias_ptr = bias->data_ptr<float>();
-  }
+  const float* bias_ptr = check_bias(bias, out);
   auto y = torch::empty({rows, out}, x.options());
   const float* x_ptr = x.data_ptr<float>();
   const float* w_ptr = weight.data_ptr<float>();
@@ -439,14 +442,7 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, int64_t out,
                     num_panels, " panels of ", kPanelWidth, " columns cannot hold ", out,
                     " output features");
   check_rows("x", x, in);
-  const float* bias_ptr = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->device().is_cpu() && bias->scalar_type() == torch::kFloat32 &&
-                          bias->dim() == 1 && bias->size(0) == out && bias->is_contiguous(),
-                      "bias must be a contiguous float32 CPU [", out, "], got ",
-                      bias->scalar_type(), " ", bias->sizes());
-    bias_ptr = bias->data_ptr<float>();
-  }
+  const float* bias_ptr = check_bias(bias, out);
   const int64_t rows = x.size(0), x_stride = x.stride(0);
   auto y = torch::empty({rows, out}, x.options());
   if (rows == 0) return y;

@@ -27,7 +27,7 @@ def _main(monkeypatch, *args: str) -> None:
 @pytest.mark.skipif(not cpu_ops_available(), reason="the CPU ops do not build here")
 def test_writes_a_step_time_per_variant(tmp_path, monkeypatch):
     out = tmp_path / "step.json"
-    variants = ["onednn", "small-linear-8", "torch-layer-ops"]
+    variants = ["panels", "no-panels", "torch-layer-ops"]
     args = ["--models", "tiny", "--batches", "2", "--steps", "2", "--rounds", "1"]
     _main(monkeypatch, *args, "--variants", ",".join(variants), "--out", str(out))
     (row,) = json.loads(out.read_text())["rows"]
@@ -35,16 +35,17 @@ def test_writes_a_step_time_per_variant(tmp_path, monkeypatch):
     assert sorted(row["step_ms"]) == sorted(variants)
     assert all(ms > 0 for ms in row["step_ms"].values())
     for name in variants:
-        backend, _, uses_ops, small_rows = decode_step_cpu.VARIANTS[name]
-        engine = decode_step_cpu._engine("pdserve-tiny", backend, uses_ops, small_rows, 1, 2000)
+        backend, _, uses_ops, panels = decode_step_cpu.VARIANTS[name]
+        engine = decode_step_cpu._engine("pdserve-tiny", backend, uses_ops, panels, 1, 2000)
         model = engine.runner.model
         assert {m.cpu_op for m in model.modules() if isinstance(m, RMSNorm)} == {uses_ops}, name
-        routed = {m.small_rows for m in model.modules() if isinstance(m, PackedLinear)}
-        limit = cpu_layer_ops.small_linear_rows_limit()
-        assert routed == {limit if small_rows is None else small_rows}, name
+        linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
+        with_panels = panels and cpu_layer_ops.panel_linear_pays()
+        assert {m.panels is not None for m in linears} == {with_panels}, name
+        assert {m.packed_weight is None for m in linears} == {with_panels}, name
 
 
 def test_an_unknown_variant_is_refused(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
-        _main(monkeypatch, "--variants", "onednn,fast", "--out", str(tmp_path / "x.json"))
+        _main(monkeypatch, "--variants", "panels,fast", "--out", str(tmp_path / "x.json"))
     assert "unknown --variants ['fast']" in capsys.readouterr().err

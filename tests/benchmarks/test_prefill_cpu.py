@@ -33,12 +33,12 @@ def test_each_variant_prefills_through_its_library_and_is_written(tmp_path, monk
         ),
     )
     monkeypatch.setattr(
-        sys, "argv", ["prefill_cpu", *ARGS, "--variants", "onednn", "--out", str(out)]
+        sys, "argv", ["prefill_cpu", *ARGS, "--variants", "packed", "--out", str(out)]
     )
     threads = torch.get_num_threads()
     try:
         prefill_cpu.main()
-        assert chunk_rows == []  # oneDNN took the 256-row chunk
+        assert chunk_rows == []  # the packed weight took the 256-row chunk
         monkeypatch.setattr(sys, "argv", ["prefill_cpu", *ARGS, "--out", str(out)])
         prefill_cpu.main()
     finally:
@@ -47,11 +47,11 @@ def test_each_variant_prefills_through_its_library_and_is_written(tmp_path, monk
     assert chunk_rows and set(chunk_rows) == {256}  # the mkl variant's chunk through F.linear
     data = json.loads(out.read_text())
     (result,) = data["results"]
-    assert result["model"] == "tiny" and sorted(result["variants"]) == ["mkl", "onednn"]
+    assert result["model"] == "tiny" and sorted(result["variants"]) == ["mkl", "packed"]
     for variant in result["variants"].values():
         assert len(variant["seconds"]) == 1 and variant["median_s"] > 0
         assert len(variant["minor_faults"]) == 1 and variant["minor_faults"][0] >= 0
-    assert result["mkl_over_onednn_median"] > 0
+    assert result["mkl_over_packed_median"] > 0
 
 
 def test_malloc_tuned_reruns_under_the_tunables(tmp_path):
