@@ -165,16 +165,33 @@ def scale_up_and_down(
     chats.check(offline)
     assert planner_metric(server, "decisions_total", role="decode", direction="up") >= 1
 
-    # 3. Idle: back to the minimum, nothing left draining.
-    wait_for(
-        server,
-        90,
-        "the return to 1P1D",
-        num_prefill=1,
-        num_decode=1,
-        num_draining_prefill=0,
-        num_draining_decode=0,
-    )
+    # 3. Idle: back to the minimum, nothing left draining or starting. A prompt queue during
+    # the chats can send prefill up again (a legitimate decision: CI on a20333b saw 1 ready
+    # prefill worker while the planner still wanted 2, the second one starting), so wait for
+    # the planner's own gauges too, not only for /health's ready workers.
+    deadline = time.monotonic() + 150
+    while True:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"the planner did not settle at 1P1D: {health(server)}"
+        wait_for(
+            server,
+            remaining,
+            "the return to 1P1D",
+            num_prefill=1,
+            num_decode=1,
+            num_draining_prefill=0,
+            num_draining_decode=0,
+        )
+        starting = sum(
+            planner_metric(server, "workers", role=role, state="starting")
+            for role in ("prefill", "decode")
+        )
+        desired = [
+            planner_metric(server, "desired_workers", role=role) for role in ("prefill", "decode")
+        ]
+        if starting == 0 and desired == [1, 1]:
+            break
+        time.sleep(0.25)
     assert planner_metric(server, "decisions_total", direction="down", reason="slack") >= 2
     assert planner_metric(server, "workers", role="decode", state="ready") == 1
     assert planner_metric(server, "desired_workers", role="decode") == 1
