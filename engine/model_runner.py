@@ -22,6 +22,7 @@ import torch
 from engine.attention import AttentionMetadata, get_attention_backend
 from engine.config import EngineConfig
 from engine.cuda_graphs import DEFAULT_MAX_SEQ_LEN_TO_CAPTURE, CudaGraphDecodeRunner
+from engine.kernels import cpu_layer_ops
 from engine.kernels.cpu_paged_decode import is_available as cpu_ops_available
 from engine.kv_cache import TORCH_DTYPES, allocate_kv_caches, num_blocks_for_budget
 from engine.loader import load_model, resolve_model_path
@@ -79,9 +80,11 @@ class ModelRunner:
             config.parallel.linear_backend, self.device, self.dtype
         )
         self.model, self.hf_config = load_model(config.model, self.attention_backend, self.device)
-        if self.linear_backend == "onednn":
-            self.model.pack_for_cpu()
-        if self.device.type == "cpu" and self.dtype == torch.float32 and cpu_ops_available():
+        cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
+        layer_ops = cpu_fp32 and cpu_ops_available()
+        if self.linear_backend == "onednn":  # packed once, in the form the layer ops will use
+            self.model.pack_for_cpu(panels=layer_ops and cpu_layer_ops.panel_linear_pays())
+        if layer_ops:
             self.model.use_cpu_layer_ops()
         self.geometry = self.model.args
         max_position = self.hf_config.max_position_embeddings

@@ -70,8 +70,9 @@ class PackedLinear(nn.Module):
     oneDNN's copy for ``cpu_layer_ops.panel_pack``'s panels (``use_panels``): up to
     ``small_linear_rows`` rows go through ``cpu_layer_ops.small_linear`` on the plain weight,
     more (short of a prefill) through ``cpu_layer_ops.panel_linear``. Whole decode steps
-    (``benchmarks/decode_step_cpu.py``, AVX-512): at 8-32 rows 0.84-0.96x the time of
-    ``small_linear`` on dummy-100m and SmolLM2, at 1-4 rows ``small_linear`` is 2-9% ahead.
+    (``benchmarks/decode_step_cpu.py``, AVX-512): at 8-32 rows 0.84-0.97x the time of
+    ``small_linear`` on dummy-100m and SmolLM2, at 1-4 rows ``small_linear`` is 2-18% ahead.
+    The model runner packs the copy it will use (``pack_for_cpu(panels=...)``), once.
 
     A prefill chunk of ``plain_rows_per_thread`` rows per torch thread or more goes back to
     MKL on the plain weight: at those rows MKL's sgemm runs nearer the core's peak than
@@ -89,15 +90,17 @@ class PackedLinear(nn.Module):
         self,
         weight: torch.Tensor,  # [out_features, in_features] float32, CPU
         bias: torch.Tensor | None,  # [out_features]
+        panels: bool = False,  # pack the panels at once (see ``use_panels``), not oneDNN's
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)  # tied: not a copy
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         # One packed copy at a time: oneDNN's, or the panels (``use_panels``).
-        self.packed_weight: torch.Tensor | None = self._onednn_weight()
+        self.packed_weight: torch.Tensor | None = None
         self.panels: torch.Tensor | None = None
         self.small_rows = 0  # up to this many rows through small_linear (``use_panels``)
+        self.use_panels(panels)
 
     def _onednn_weight(self) -> torch.Tensor:
         return torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
@@ -112,8 +115,9 @@ class PackedLinear(nn.Module):
         elif not enabled and self.packed_weight is None:
             self.packed_weight = self._onednn_weight()
             self.panels = None
-        limit = min(self.small_linear_rows, cpu_layer_ops.small_linear_rows_limit())
-        self.small_rows = limit if enabled and self.weight.is_contiguous() else 0
+        self.small_rows = 0
+        if enabled and self.weight.is_contiguous():
+            self.small_rows = min(self.small_linear_rows, cpu_layer_ops.small_linear_rows_limit())
 
     def forward(
         self,
@@ -136,8 +140,9 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {packing}"
 
 
-def pack_linears(module: nn.Module) -> int:
-    """Replace every ``nn.Linear`` under ``module`` with a ``PackedLinear``; how many."""
+def pack_linears(module: nn.Module, panels: bool = False) -> int:
+    """Replace every ``nn.Linear`` under ``module`` with a ``PackedLinear`` (packed in panels
+    or for oneDNN); how many."""
     targets = [
         (parent, name, child)
         for parent in module.modules()
@@ -145,5 +150,5 @@ def pack_linears(module: nn.Module) -> int:
         if type(child) is nn.Linear
     ]
     for parent, name, child in targets:
-        setattr(parent, name, PackedLinear(child.weight, child.bias))
+        setattr(parent, name, PackedLinear(child.weight, child.bias, panels))
     return len(targets)

@@ -165,19 +165,21 @@ class LlamaForCausalLM(nn.Module):
             else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         )
         self.rotary = RotaryEmbedding(args.rope)
-        # Set by ``pack_for_cpu``: the logits projection with its weight prepacked for oneDNN.
+        # Set by ``pack_for_cpu``: the logits projection with its weight prepacked.
         self.packed_logits: PackedLinear | None = None
 
-    def pack_for_cpu(self) -> None:
-        """Prepack every projection and the logits for oneDNN (CPU, float32), once loaded.
+    def pack_for_cpu(self, panels: bool = False) -> None:
+        """Prepack every projection and the logits for oneDNN or, with ``panels``, in the
+        panels of ``cpu_layer_ops.panel_linear`` (CPU, float32; the caller checks the op
+        loads and pays), once loaded: the model runner packs the copy it will use, once.
 
         The Linear modules are replaced, so their weights can no longer be loaded; the tied
         embedding stays for the lookup and the logits' packed copy refers to it for one row.
         """
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        self.packed_logits = PackedLinear(weight, None)
+        self.packed_logits = PackedLinear(weight, None, panels)
         self.lm_head = None  # an untied head's weight lives on only in packed_logits
-        pack_linears(self)
+        pack_linears(self, panels)
 
     def use_cpu_layer_ops(self, enabled: bool = True, panels: bool = True) -> None:
         """Run the norms (with the residual adds), the rotary embedding and, with ``panels``

@@ -260,6 +260,32 @@ def test_the_model_packs_every_projection_in_panels_and_back(tmp_path):
     assert all(m.cpu_op for m in model.modules() if isinstance(m, RMSNorm))
 
 
+@pytest.mark.skipif(
+    not cpu_ops_available() or not cpu_layer_ops.panel_linear_pays(),
+    reason="the module was built without AVX2/FMA: the model keeps oneDNN",
+)
+def test_a_model_packed_in_panels_never_makes_onednn_copies(tmp_path, monkeypatch):
+    """``pack_for_cpu(panels=True)``, as the model runner calls it, packs each weight once,
+    in panels: no oneDNN copy is made only to be thrown away."""
+    path = make_hf_checkpoint(tmp_path, "llama")
+    model, _ = load_model(ModelConfig(model=str(path)), TorchAttentionBackend(), CPU)
+
+    def no_onednn(self):
+        raise AssertionError("a oneDNN copy was made")
+
+    monkeypatch.setattr(PackedLinear, "_onednn_weight", no_onednn)
+    model.pack_for_cpu(panels=True)
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert layers and all(m.panels is not None and m.packed_weight is None for m in layers)
+    assert {m.small_rows for m in layers} == {PackedLinear.small_linear_rows}
+    model.use_cpu_layer_ops()  # already in panels: nothing repacked
+    x = torch.randn(3, model.packed_logits.in_features)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            model.packed_logits(x), F.linear(x, model.packed_logits.weight), rtol=1e-5, atol=1e-4
+        )
+
+
 def test_panel_linear_refuses_bad_arguments():
     weight = torch.randn(16, 32)
     panels = cpu_layer_ops.panel_pack(weight)
