@@ -11,6 +11,7 @@ import struct
 import time
 
 import pytest
+import uvloop
 
 from engine.channel import (
     STATS_PUSH_INTERVAL_S,
@@ -55,11 +56,14 @@ class Worker:
 
 
 def _sync(test):
-    """An async test run to its end in a fresh event loop."""
+    """An async test run to its end in a fresh event loop: asyncio's, then uvloop's (the
+    loop ``pdserve serve`` runs on; its transports are not asyncio's classes)."""
 
     @functools.wraps(test)
     def run(*args, **kwargs) -> None:
-        asyncio.run(test(*args, **kwargs))
+        for loop_factory in (asyncio.new_event_loop, uvloop.new_event_loop):
+            with asyncio.Runner(loop_factory=loop_factory) as runner:
+                runner.run(test(*args, **kwargs))
 
     return run
 
@@ -226,4 +230,76 @@ async def test_a_worker_without_stats_still_serves_and_pushes_nothing() -> None:
     await asyncio.sleep(0.05)
     assert pushed == []
     client.close()
+    server.close()
+
+
+def _raw_frame(message: tuple) -> bytes:
+    payload = pickle.dumps(message)
+    return struct.pack("<I", len(payload)) + payload
+
+
+@pytest.mark.parametrize("piece", [1, 7, 10_000], ids=["byte-by-byte", "7-bytes", "whole"])
+@_sync
+async def test_the_client_reads_frames_split_or_joined_across_reads(piece: int) -> None:
+    """Frames cut anywhere by TCP, or several in one read, reach the client whole and in order."""
+    delta = RequestDelta("r1", [5], None, None, 3, 0)
+    frames = b"".join(_raw_frame(("out", [delta])) for _ in range(3)) + _raw_frame(("stats", 7))
+    token = b"t" * TOKEN_BYTES
+    sent = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert await reader.readexactly(TOKEN_BYTES) == token
+        for start in range(0, len(frames), piece):
+            writer.write(frames[start : start + piece])
+            await writer.drain()
+            await asyncio.sleep(0)
+        sent.set()
+        await reader.read()  # until the client closes
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    address = ChannelAddress("127.0.0.1", server.sockets[0].getsockname()[1], token)
+    batches: list[list] = []
+    pushed: list[object] = []
+    closed: list[ChannelClosedError] = []
+    client = await ChannelClient.connect(address, batches.append, closed.append, pushed.append)
+    await asyncio.wait_for(sent.wait(), 5)
+    for _ in range(100):
+        if pushed:
+            break
+        await asyncio.sleep(0.01)
+    assert batches == [[delta]] * 3
+    assert pushed == [7]
+    assert not closed
+    client.close()
+    server.close()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        pytest.param(struct.pack("<I", (1 << 30) + 1), id="oversized-frame"),
+        pytest.param(struct.pack("<I", 4) + b"\xffnot", id="not-a-pickle"),
+    ],
+)
+@_sync
+async def test_a_broken_frame_closes_the_client_and_fails_its_calls(garbage: bytes) -> None:
+    token = b"t" * TOKEN_BYTES
+    got_call = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(TOKEN_BYTES)
+        await reader.readexactly(4)  # the call's frame header: the client is waiting now
+        got_call.set()
+        writer.write(garbage)
+        await reader.read()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    address = ChannelAddress("127.0.0.1", server.sockets[0].getsockname()[1], token)
+    closed: list[ChannelClosedError] = []
+    client = await ChannelClient.connect(address, lambda batch: None, closed.append)
+    with pytest.raises(ChannelClosedError, match="broken frame"):
+        await asyncio.wait_for(client.call("abort", "r1"), 5)
+    assert len(closed) == 1
+    with pytest.raises(ChannelClosedError):
+        await client.call("abort", "r2")
     server.close()
