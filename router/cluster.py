@@ -326,8 +326,11 @@ class Cluster:
 
     # -- health ------------------------------------------------------------------------
 
-    async def health(self, timeout_s: float = 10.0) -> dict[str, bool]:
-        handles = self.prefill + self.decode
+    async def health(
+        self, timeout_s: float = 10.0, known_alive: frozenset[str] = frozenset()
+    ) -> dict[str, bool]:
+        """Every worker's health check; those in ``known_alive`` count as healthy unasked."""
+        handles = [h for h in self.prefill + self.decode if h.worker_id not in known_alive]
 
         async def probe(handle: WorkerClient) -> bool:
             try:
@@ -337,11 +340,14 @@ class Cluster:
                 return False
 
         results = await asyncio.gather(*(probe(h) for h in handles))
-        return {h.worker_id: ok for h, ok in zip(handles, results)}
+        healthy = dict.fromkeys(known_alive, True)
+        healthy.update((h.worker_id, ok) for h, ok in zip(handles, results))
+        return healthy
 
-    async def replace_unhealthy(self) -> list[str]:
-        """Restart every worker that fails its health check; returns their ids."""
-        healthy = await self.health()
+    async def replace_unhealthy(self, known_alive: frozenset[str] = frozenset()) -> list[str]:
+        """Restart every worker that fails its health check (those in ``known_alive`` are
+        not asked); returns their ids."""
+        healthy = await self.health(known_alive=known_alive)
         replaced = []
         for group in (self.prefill, self.decode):
             for handle in list(group):

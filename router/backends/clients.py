@@ -58,6 +58,7 @@ class WorkerClient:
         self._queues: dict[str, asyncio.Queue[RequestDelta | BaseException]] = {}
         # The worker's latest stats sent unasked, and when they came (``time.monotonic``).
         self.pushed_stats: tuple[float, WorkerStats] | None = None
+        self.connection_lost = False  # its channel closed: the worker (or the path) is gone
 
     # -- every worker ------------------------------------------------------------------
 
@@ -297,6 +298,7 @@ class RayClient(WorkerClient):
 
     def _lost(self, error: ChannelClosedError) -> None:
         self.pushed_stats = None
+        self.connection_lost = True
         self._fail_streams(self._died(error))
 
     def shutdown(self) -> None:

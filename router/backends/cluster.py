@@ -250,14 +250,24 @@ class ClusterBackend:
             )
             self._inflight[request_id] = inflight
             self._stats_wanted.set()  # the stats refresh stops resting, if it was
+            # The attempt's stream is read here, not through a generator layer of its own
+            # (each layer is paid again for every token); its failures become
+            # ``_AttemptFailed`` naming the worker to avoid.
+            stream = self._attempt(request, worker_request_id, emitted, decode, prefill)
+            retry = worker_request_id != request_id
             try:
-                async for delta in self._attempt(
-                    request, worker_request_id, emitted, decode, prefill
-                ):
-                    emitted.extend(delta.new_token_ids)
-                    finished = delta.finished
-                    inflight.prefilling = False
-                    yield delta
+                try:
+                    async for delta in stream:
+                        if retry:  # its deltas carry the attempt's id: the request's, outside
+                            delta = dataclasses.replace(delta, request_id=request_id)
+                        emitted.extend(delta.new_token_ids)
+                        finished = delta.finished
+                        inflight.prefilling = False
+                        yield delta
+                except WorkerDiedError as error:
+                    raise _AttemptFailed("decode_died", decode, died=True) from error
+                except KVTransferFailedError as error:
+                    raise _AttemptFailed("kv_failed", prefill) from error
                 return
             except _AttemptFailed as failure:
                 if failure.worker is not None:
@@ -320,7 +330,7 @@ class ClusterBackend:
         num_tokens = len(request.prompt_token_ids) + len(emitted)
         return decode, None, num_tokens - decision.num_cached_tokens_expected
 
-    async def _attempt(
+    def _attempt(
         self,
         request: GenerateRequest,
         worker_request_id: str,
@@ -328,28 +338,13 @@ class ClusterBackend:
         decode: WorkerClient,
         prefill: WorkerClient | None,
     ) -> AsyncIterator[RequestDelta]:
-        """One try on one pair of workers; its failures become ``_AttemptFailed`` naming the
-        worker to avoid. Deltas keep the original request's id."""
+        """One try on one pair of workers: D's stream (local prefill) or P's then D's."""
         resumed = list(emitted) or None
-        try:
-            if prefill is None:
-                stream = decode.generate(
-                    worker_request_id, request.prompt_token_ids, request.sampling_params, resumed
-                )
-            else:
-                stream = self._remote(request, worker_request_id, resumed, decode, prefill)
-            if worker_request_id == request.request_id:
-                async for delta in stream:
-                    yield delta
-            else:  # a retry: its deltas carry the attempt's id
-                async for delta in stream:
-                    yield dataclasses.replace(delta, request_id=request.request_id)
-        except _AttemptFailed:
-            raise
-        except WorkerDiedError as error:
-            raise _AttemptFailed("decode_died", decode, died=True) from error
-        except KVTransferFailedError as error:
-            raise _AttemptFailed("kv_failed", prefill) from error
+        if prefill is None:
+            return decode.generate(
+                worker_request_id, request.prompt_token_ids, request.sampling_params, resumed
+            )
+        return self._remote(request, worker_request_id, resumed, decode, prefill)
 
     async def _remote(
         self,
@@ -602,21 +597,48 @@ class ClusterBackend:
         with contextlib.suppress(KeyError):
             if self.cluster.worker(worker.worker_id) is worker:  # not replaced yet
                 self._stats.pop(worker.worker_id, None)
+                self._polled_at.pop(worker.worker_id, None)
         self._health_check_now.set()
 
     async def _health_loop(self) -> None:
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._health_check_now.wait(), self.config.health_interval_s)
+            # A periodic check skips the workers whose stats came within the interval: stats
+            # are answered on the engine's own thread, between steps, so one proves what the
+            # health check asks (the loop thread lives and steps) and the router need not pay
+            # a Ray call a worker every 5 s. After a request saw a worker die, ask them all.
+            now_wanted = self._health_check_now.is_set()
             self._health_check_now.clear()
             try:
-                await self._check_workers()
+                await self._check_workers(
+                    frozenset()
+                    if now_wanted
+                    else self._answered_within(self.config.health_interval_s)
+                )
             except Exception:
                 logger.exception("checking the workers failed")
 
-    async def _check_workers(self) -> None:
-        for worker_id in await self.cluster.replace_unhealthy():
+    def _answered_within(self, seconds: float) -> frozenset[str]:
+        """The workers whose stats were pushed or polled in the last ``seconds`` and whose
+        channel is still open."""
+        now = time.monotonic()
+        alive = set()
+        for worker in self.cluster.prefill + self.cluster.decode:
+            if worker.connection_lost:
+                continue
+            pushed = worker.pushed_stats
+            polled_at = self._polled_at.get(worker.worker_id)
+            if (pushed is not None and now - pushed[0] < seconds) or (
+                polled_at is not None and now - polled_at < seconds
+            ):
+                alive.add(worker.worker_id)
+        return frozenset(alive)
+
+    async def _check_workers(self, known_alive: frozenset[str] = frozenset()) -> None:
+        for worker_id in await self.cluster.replace_unhealthy(known_alive):
             self._stats.pop(worker_id, None)
+            self._polled_at.pop(worker_id, None)
             if self.policy is not None:
                 self.policy.index.remove_worker(worker_id)
 

@@ -1,5 +1,6 @@
 """The router's stats refresh: a busy worker's pushed stats stand in for a poll, an idle
-worker is asked every ``IDLE_STATS_INTERVAL_S``, a worker that fails drops out. The
+worker is asked every ``IDLE_STATS_INTERVAL_S``, a worker that fails drops out; fresh stats
+stand in for the periodic health check too. The
 worker side of the push (``engine.channel``) is tested in ``tests/engine/test_channel.py``;
 a real cluster's stats reach the router in ``tests/serving``."""
 
@@ -13,6 +14,7 @@ from types import SimpleNamespace
 from engine.wire import WorkerStats
 from router.backends import cluster as cluster_module
 from router.backends.cluster import ClusterBackend, _InFlight
+from router.cluster import Cluster
 
 
 def _stats(worker_id: str, role: str, **busy: int) -> WorkerStats:
@@ -37,6 +39,7 @@ class Client:
     def __init__(self, worker_id: str, role: str) -> None:
         self.worker_id, self.role = worker_id, role
         self.pushed_stats: tuple[float, WorkerStats] | None = None
+        self.connection_lost = False
         self.current = _stats(worker_id, role)
         self.polls = 0
         self.fail = False
@@ -172,3 +175,66 @@ def test_the_refresh_rests_while_the_cluster_does_and_wakes_for_a_request(monkey
             loop.cancel()
 
     asyncio.run(scenario())
+
+
+def test_fresh_stats_stand_in_for_the_periodic_health_check():
+    backend, _, decode = _backend()
+    asyncio.run(backend.refresh_stats())  # both polled just now
+    assert backend._answered_within(5.0) == {"prefill-0", "decode-0"}
+    assert backend._answered_within(0.0) == frozenset()  # asked too long ago
+
+    backend._polled_at["decode-0"] -= 10.0
+    assert backend._answered_within(5.0) == {"prefill-0"}
+    decode.pushed_stats = (time.monotonic(), decode.current)  # a busy worker's push
+    assert backend._answered_within(5.0) == {"prefill-0", "decode-0"}
+    decode.connection_lost = True  # its channel closed: whatever it sent before, ask it
+    assert backend._answered_within(5.0) == {"prefill-0"}
+
+    decode.connection_lost = False
+    backend.cluster.worker = lambda worker_id: decode
+    backend._worker_died(decode)  # type: ignore[arg-type]  # a request saw it die
+    assert backend._answered_within(5.0) == {"prefill-0"}
+
+
+def test_the_health_loop_asks_only_the_silent_workers_unless_a_death_was_seen():
+    backend, _, decode = _backend()
+    backend.config = replace(backend.config, health_interval_s=0.05)
+    checked: list[frozenset[str]] = []
+
+    async def replace_unhealthy(known_alive: frozenset[str] = frozenset()) -> list[str]:
+        checked.append(known_alive)
+        return []
+
+    backend.cluster.replace_unhealthy = replace_unhealthy
+
+    async def scenario() -> None:
+        backend._health_check_now.set()  # a request saw a worker die: ask every worker
+        loop = asyncio.create_task(backend._health_loop())
+        try:
+            await _until(lambda: len(checked) == 1)
+            assert checked == [frozenset()]
+            decode.pushed_stats = (time.monotonic() + 3600, decode.current)  # always fresh
+            await _until(lambda: len(checked) >= 2)  # the periodic check, 0.05 s later
+            assert checked[-1] == {"decode-0"}  # P never answered: asked; D not
+        finally:
+            loop.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_the_cluster_health_check_asks_only_the_workers_not_known_alive():
+    asked: list[str] = []
+
+    class Handle:
+        def __init__(self, worker_id: str, healthy: bool) -> None:
+            self.worker_id, self.healthy = worker_id, healthy
+
+        async def check_health(self) -> bool:
+            asked.append(self.worker_id)
+            return self.healthy
+
+    cluster = SimpleNamespace(prefill=[Handle("p0", False)], decode=[Handle("d0", True)])
+    healthy = asyncio.run(Cluster.health(cluster, known_alive=frozenset({"d0"})))  # type: ignore[arg-type]
+    assert healthy == {"p0": False, "d0": True} and asked == ["p0"]
+    healthy = asyncio.run(Cluster.health(cluster))  # type: ignore[arg-type]
+    assert healthy == {"p0": False, "d0": True} and asked == ["p0", "p0", "d0"]
