@@ -167,7 +167,7 @@ async def _merged(sources: list[AsyncIterator[SequenceUpdate]]) -> AsyncIterator
                 task.add_done_callback(_background_tasks.discard)
 
 
-async def stream_sequences(
+def stream_sequences(
     backend: ServingBackend,
     requests: list[GenerateRequest],
     tokenizer: Any,
@@ -177,20 +177,26 @@ async def stream_sequences(
     """Run ``requests`` concurrently (``requests[i]`` is choice ``i``) and yield their updates.
 
     One sequence (the common case) is read directly: no task, no queue between the
-    backend's stream and the caller. Raises the first error of any sequence, or
-    ``RequestTimeoutError``; either way, and when the caller stops early, every unfinished
-    backend request is aborted.
+    backend's stream and the caller, and with no timeout not even a layer of its own (each
+    layer of async generators is paid again for every token). Raises the first error of
+    any sequence, or ``RequestTimeoutError``; either way, and when the caller stops early,
+    every unfinished backend request is aborted.
     """
     sources = [
         _sequence_updates(backend, _Sequence(i, request, tokenizer), metrics)
         for i, request in enumerate(requests)
     ]
     updates = sources[0] if len(sources) == 1 else _merged(sources)
+    if timeout_s is None:
+        return updates
+    return _within(updates, timeout_s)
+
+
+async def _within(
+    updates: AsyncIterator[SequenceUpdate], timeout_s: float
+) -> AsyncIterator[SequenceUpdate]:
+    """``updates`` until they end or ``timeout_s`` passes (``RequestTimeoutError``)."""
     async with contextlib.aclosing(updates):  # type: ignore[type-var]
-        if timeout_s is None:  # no timeout scope per update (~5 us each)
-            async for update in updates:
-                yield update
-            return
         deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
             try:
