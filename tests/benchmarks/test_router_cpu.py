@@ -35,6 +35,10 @@ def test_router_cpu_against_itself(tmp_path: Path) -> None:
         assert run["burst_ms_per_token"] > 0, run
         assert 0 < run["burst_events_per_token"] <= 1, run
     assert set(data["medians"]["colocated"]) == set(router_cpu.FIGURES)
+    floor = data["host_send_us"]
+    assert set(floor) == {f"{m}_{s}" for m in ("paced", "back_to_back") for s in ("median", "mean")}
+    assert all(math.isfinite(v) and v >= 0 for v in floor.values()), floor
+    assert floor["paced_mean"] > 0, floor
 
 
 def test_router_cpu_refuses_a_folder_that_is_not_pdserve(tmp_path: Path) -> None:
