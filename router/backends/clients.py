@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from engine.channel import CHANNEL_VERBS, ChannelClient, ChannelClosedError
@@ -59,6 +59,8 @@ class WorkerClient:
         # The worker's latest stats sent unasked, and when they came (``time.monotonic``).
         self.pushed_stats: tuple[float, WorkerStats] | None = None
         self.connection_lost = False  # its channel closed: the worker (or the path) is gone
+        # Called with this client when it has stored newly pushed stats (the backend's).
+        self.on_pushed: Callable[[WorkerClient], None] | None = None
 
     # -- every worker ------------------------------------------------------------------
 
@@ -295,6 +297,8 @@ class RayClient(WorkerClient):
 
     def _pushed(self, stats: WorkerStats) -> None:
         self.pushed_stats = (time.monotonic(), stats)
+        if self.on_pushed is not None:
+            self.on_pushed(self)
 
     def _lost(self, error: ChannelClosedError) -> None:
         self.pushed_stats = None

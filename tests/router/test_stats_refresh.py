@@ -7,6 +7,7 @@ a real cluster's stats reach the router in ``tests/serving``."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from dataclasses import replace
 from types import SimpleNamespace
@@ -157,7 +158,7 @@ def test_the_refresh_rests_while_the_cluster_does_and_wakes_for_a_request(monkey
 
             backend._inflight["r1"] = _InFlight(decode, None, "r1")  # type: ignore[arg-type]
             assert backend._rest_s(time.monotonic()) is None
-            backend._stats_wanted.set()  # what generate() does with a new request
+            backend._want_stats()  # what generate() does with a new request
             await _until(lambda: decode.polls >= 3)  # every interval while it is on D
             assert prefill.polls == 1  # P has no request: still resting
 
@@ -238,3 +239,41 @@ def test_the_cluster_health_check_asks_only_the_workers_not_known_alive():
     assert healthy == {"p0": False, "d0": True} and asked == ["p0"]
     healthy = asyncio.run(Cluster.health(cluster))  # type: ignore[arg-type]
     assert healthy == {"p0": False, "d0": True} and asked == ["p0", "p0", "d0"]
+
+
+def test_a_pushing_worker_is_recorded_at_once_and_never_wakes_the_stats_task():
+    backend, _, decode = _backend()
+    backend.config = replace(backend.config, stats_interval_s=0.05)
+    refreshes: list[float] = []
+    refresh = backend.refresh_stats
+
+    async def counted_refresh(poll_all: bool = False) -> None:
+        refreshes.append(time.monotonic())
+        await refresh(poll_all)
+
+    backend.refresh_stats = counted_refresh  # type: ignore[method-assign]
+
+    async def push(worker: Client, **busy: int) -> None:
+        worker.pushed_stats = (time.monotonic(), _stats(worker.worker_id, worker.role, **busy))
+        backend._on_pushed(worker)  # type: ignore[arg-type]  # what the channel calls
+
+    async def scenario() -> None:
+        await refresh()  # both asked once, as at start
+        backend._inflight["r1"] = _InFlight(decode, None, "r1")  # type: ignore[arg-type]
+        await push(decode, num_running=1)
+        assert backend.worker_stats()["decode-0"].num_running == 1  # recorded at once
+        loop = asyncio.create_task(backend._stats_loop())
+        try:
+            for i in range(20):  # every 20 ms, for 0.4 s: eight of its 50 ms intervals
+                await push(decode, num_running=i + 1)
+                await asyncio.sleep(0.02)
+            assert decode.polls == 1  # never asked while it pushed
+            assert backend.worker_stats()["decode-0"].num_running == 20
+            assert len(refreshes) <= 1, refreshes  # P rests; D's pushes put it off
+            await _until(lambda: decode.polls >= 3)  # it stopped pushing: asked again
+            gaps = [b - a for a, b in itertools.pairwise(refreshes)]
+            assert all(gap >= 0.04 for gap in gaps), gaps  # never above its cadence
+        finally:
+            loop.cancel()
+
+    asyncio.run(scenario())
