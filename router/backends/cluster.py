@@ -265,14 +265,21 @@ class ClusterBackend:
         interval = self.config.stats_interval_s
         due = now + interval
         for worker in self.cluster.prefill + self.cluster.decode:
-            polled_at = self._polled_at.get(worker.worker_id)
-            if polled_at is not None and self._resting(worker, now):
-                due = min(due, polled_at + IDLE_STATS_INTERVAL_S)
+            if self._resting(worker, now):
+                due = min(due, self._polled_at[worker.worker_id] + IDLE_STATS_INTERVAL_S)
                 continue
-            pushed = worker.pushed_stats
-            seen = [t for t in (polled_at, pushed[0] if pushed else None) if t is not None]
-            due = min(due, max(seen, default=now - interval) + interval)  # never: now
+            heard_at = self._heard_at(worker)
+            due = min(due, now if heard_at is None else heard_at + interval)
         return max(0.0, due - now, self._refreshed_at + interval - now)
+
+    def _heard_at(self, worker: WorkerClient) -> float | None:
+        """When ``worker``'s stats last came, pushed or polled; None if they never did or its
+        channel has closed since."""
+        if worker.connection_lost:
+            return None
+        pushed = worker.pushed_stats
+        times = (self._polled_at.get(worker.worker_id), pushed[0] if pushed else None)
+        return max((t for t in times if t is not None), default=None)
 
     def _rest_s(self, now: float) -> float | None:
         """While the cluster rests (no request in flight, every worker ``_resting``), the
@@ -679,17 +686,11 @@ class ClusterBackend:
         """The workers whose stats were pushed or polled in the last ``seconds`` and whose
         channel is still open."""
         now = time.monotonic()
-        alive = set()
-        for worker in self.cluster.prefill + self.cluster.decode:
-            if worker.connection_lost:
-                continue
-            pushed = worker.pushed_stats
-            polled_at = self._polled_at.get(worker.worker_id)
-            if (pushed is not None and now - pushed[0] < seconds) or (
-                polled_at is not None and now - polled_at < seconds
-            ):
-                alive.add(worker.worker_id)
-        return frozenset(alive)
+        return frozenset(
+            worker.worker_id
+            for worker in self.cluster.prefill + self.cluster.decode
+            if (heard_at := self._heard_at(worker)) is not None and now - heard_at < seconds
+        )
 
     async def _check_workers(self, known_alive: frozenset[str] = frozenset()) -> None:
         for worker_id in await self.cluster.replace_unhealthy(known_alive):
