@@ -549,6 +549,46 @@ def process_cpu_seconds(pid: int) -> float:
     return sum(int(f) for f in fields[11:13]) / os.sysconf("SC_CLK_TCK")  # utime stime
 
 
+MAIN_THREAD = "main thread"  # the front process's first thread: its event loop
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[str, int, int]]:
+    """Every live thread of ``pid``: its name, CPU nanoseconds and how many times the
+    kernel has scheduled it in (``/proc/<pid>/task/<tid>/schedstat``: a thread that sleeps
+    and wakes is scheduled once per wake-up). Empty where the kernel keeps no schedstat."""
+    threads = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            cpu_ns, _, scheduled = (task / "schedstat").read_text().split()
+        except (OSError, ValueError):
+            continue  # exited meanwhile, or no schedstat
+        threads[int(task.name)] = (name, int(cpu_ns), int(scheduled))
+    return threads
+
+
+def cpu_by_thread(
+    pid: int,
+    before: dict[int, tuple[str, int, int]],
+    after: dict[int, tuple[str, int, int]],
+    seconds: float,
+) -> dict[str, dict[str, float]]:
+    """What each of ``pid``'s threads used between two ``thread_cpu`` samples ``seconds``
+    apart, per thread name (threads of one name summed; the process's first thread, its
+    event loop, as ``MAIN_THREAD``): CPU ms a second and times scheduled a second."""
+    split: dict[str, dict[str, float]] = {}
+    for tid, (name, cpu_ns, scheduled) in after.items():
+        _, cpu_before, scheduled_before = before.get(tid, (name, 0, 0))
+        entry = split.setdefault(
+            MAIN_THREAD if tid == pid else name,
+            {"threads": 0, "cpu_ms_per_s": 0.0, "scheduled_per_s": 0.0},
+        )
+        entry["threads"] += 1
+        entry["cpu_ms_per_s"] += (cpu_ns - cpu_before) / 1e6 / seconds
+        entry["scheduled_per_s"] += (scheduled - scheduled_before) / seconds
+    return dict(sorted(split.items(), key=lambda kv: -kv[1]["cpu_ms_per_s"]))
+
+
 @dataclass
 class ServerRun:
     """What one server did in a comparison: its startup, its benchmark results (with the
@@ -561,6 +601,7 @@ class ServerRun:
     server_cpu_s: list[float] = field(default_factory=list)
     router_cpu_s: list[float] = field(default_factory=list)  # the front process alone
     router_idle_cpu_s: float | None = None  # over ``idle_s`` after the warm-ups, if asked
+    router_idle_threads: dict[str, dict[str, float]] = field(default_factory=dict)  # the same
     load_avg: list[tuple[float, float, float]] = field(default_factory=list)
     leftover_pids_killed: list[int] = field(default_factory=list)
     error: str = ""
@@ -574,7 +615,8 @@ def run_on_server(
     idle_s: float = 0.0,
 ) -> ServerRun:
     """Wait for ``server``, run ``warmups`` (not recorded), let it sit idle for ``idle_s``
-    (its router's CPU meanwhile: ``router_idle_cpu_s``), then run ``benches`` against it,
+    (its router's CPU meanwhile: ``router_idle_cpu_s``, and thread by thread:
+    ``router_idle_threads``), then run ``benches`` against it,
     and stop it whatever happens. A failure is recorded in ``ServerRun.error``, not raised."""
     from benchmarks.serving.loadgen import run_benchmark
 
@@ -585,8 +627,12 @@ def run_on_server(
             run_benchmark(dataclasses.replace(warmup, base_url=server.base_url, progress=False))
         if idle_s > 0:
             router_before = process_cpu_seconds(server.pid)
+            threads_before = thread_cpu(server.pid)
             time.sleep(idle_s)
             run.router_idle_cpu_s = process_cpu_seconds(server.pid) - router_before
+            run.router_idle_threads = cpu_by_thread(
+                server.pid, threads_before, thread_cpu(server.pid), idle_s
+            )
         for bench in benches:
             cpu_before = tree_cpu_seconds(server.pid)
             router_before = process_cpu_seconds(server.pid)

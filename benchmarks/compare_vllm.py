@@ -8,9 +8,12 @@ each: a burst (every request at once: throughput) and a Poisson-paced run (laten
 goodput at the SLOs). pdserve loads SmolLM2 from its GGUF file; vLLM loads the same weights
 dequantized to float32 (``_servers.export_hf_checkpoint``). Both servers run float32 on the
 CPU with one OpenMP thread per engine process, 64 sequences and 2048 batched tokens per
-step, and prefix caching on. vLLM is installed by this script into its own venv
-(``$PDSERVE_VLLM_VENV`` or ``.cache/vllm-venv``) on first use; if that fails, the error is
-recorded and pdserve's figures stand alone.
+step, and prefix caching on. After the warm-ups each server sits idle for ``--idle-s``
+seconds: its front process's CPU meanwhile (pdserve's router, vLLM's API server), a second
+and thread by thread, and per run what that background rate comes to per output token
+("of which idle rate": at the paced rate it is much of the router's figure). vLLM is
+installed by this script into its own venv (``$PDSERVE_VLLM_VENV`` or ``.cache/vllm-venv``)
+on first use; if that fails, the error is recorded and pdserve's figures stand alone.
 
     .venv/bin/python benchmarks/compare_vllm.py --num-prompts 32
 
@@ -140,9 +143,17 @@ def start_server(
     )
 
 
-def summary(run: ServerRun) -> dict[str, Any]:
-    """Per run (burst, paced): the figures the comparison quotes."""
+def summary(run: ServerRun, idle_s: float) -> dict[str, Any]:
+    """Per run (burst, paced): the figures the comparison quotes. With ``idle_s`` > 0, also
+    the front process's CPU while idle (a second, and thread by thread), and per run what
+    that background rate comes to over the run's duration, per output token: the part of
+    the router's figure that does not depend on the requests."""
     out: dict[str, Any] = {"startup_s": run.startup_s, "error": run.error}
+    idle_ms_per_s = None
+    if run.router_idle_cpu_s is not None and idle_s > 0:
+        idle_ms_per_s = 1e3 * run.router_idle_cpu_s / idle_s
+        out["router_idle_ms_per_s"] = idle_ms_per_s
+        out["router_idle_threads"] = run.router_idle_threads
     for kind, result, cpu_s, router_cpu_s in zip(
         RUNS, run.results, run.server_cpu_s, run.router_cpu_s
     ):
@@ -172,6 +183,9 @@ def summary(run: ServerRun) -> dict[str, Any]:
             # The front process alone: pdserve's router, vLLM's API server.
             "router_cpu_s": router_cpu_s,
             "router_cpu_ms_per_output_token": 1e3 * router_cpu_s / num_tokens,
+            "router_idle_ms_per_output_token": (
+                None if idle_ms_per_s is None else idle_ms_per_s * m["duration"] / num_tokens
+            ),
         }
     return out
 
@@ -188,6 +202,7 @@ _COLUMNS = [
     ("TPOT p50 (ms)", "median_tpot_ms", 1),
     ("server CPU ms/out tok", "server_cpu_ms_per_output_token", 1),
     ("router CPU ms/out tok", "router_cpu_ms_per_output_token", 2),
+    ("of which idle rate", "router_idle_ms_per_output_token", 2),
 ]
 # Higher is better for these; lower for the rest.
 _HIGHER_IS_BETTER = {"request_throughput", "output_throughput", "request_goodput", "slo_attainment"}
@@ -267,9 +282,9 @@ def compare_model(
             continue
         process = start_server(server, name, args, vllm_python)
         labelled = [dataclasses.replace(b, label=server) for b in benches]
-        run = run_on_server(process, labelled, warmups, args.ready_timeout_s)
+        run = run_on_server(process, labelled, warmups, args.ready_timeout_s, args.idle_s)
         by_server[server] = {
-            **summary(run),
+            **summary(run, args.idle_s),
             "command": " ".join(run.command),
             "leftover_pids_killed": run.leftover_pids_killed,
             "runs": {kind: r.to_dict() for kind, r in zip(RUNS, run.results)},
@@ -307,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ready-timeout-s", type=float, default=600.0)
+    parser.add_argument(
+        "--idle-s",
+        type=float,
+        default=10.0,
+        help="measure each front process's idle CPU this long after the warm-ups (0: not)",
+    )
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -6,7 +6,9 @@ measures the CPU time (user + system, ``/proc/<pid>/stat``) of the router proces
 (the server's front process: HTTP, detokenization, routing, the worker channels; not its
 workers) while it
 
-- sits idle for ``--idle-s`` seconds (stats polling, health checks, Ray's driver threads);
+- sits idle for ``--idle-s`` seconds (stats polling, health checks, Ray's driver threads),
+  split thread by thread: the event loop's own, and the rest (Ray's core worker and gRPC
+  threads, which wake on fixed timers of their own: ``idle_threads`` in the JSON);
 - serves a burst of ``--num-prompts`` requests of 128 prompt tokens and 64 output tokens
   (the router's CPU per generated token, as in ``compare_vllm.py``), then the same number
   of requests with one output token (what a request costs apart from its tokens);
@@ -52,6 +54,7 @@ from pathlib import Path
 
 from benchmarks._servers import (
     LOG_DIR,
+    MAIN_THREAD,
     RESULTS_DIR,
     ServerRun,
     compared_trees,
@@ -83,6 +86,9 @@ _DRAIN = (
 )
 FIGURES = (
     "idle_ms_per_s",
+    "idle_loop_ms_per_s",  # of which its event loop's thread (schedstat: ns, not ticks)
+    "idle_other_threads_ms_per_s",  # of which every other thread (Ray's, gRPC's, Python's)
+    "idle_wakeups_per_s",  # times any of its threads was scheduled in, a second
     "burst_ms_per_token",
     "burst_events_per_token",
     "request_ms",
@@ -170,13 +176,20 @@ def measure(mode: str, pythonpath: str | None, args: argparse.Namespace, seed: i
     assert run.router_idle_cpu_s is not None
     burst_ms, burst_events = _per_token(run, 0)
     paced_ms, paced_events = _per_token(run, 2)
+    threads = run.router_idle_threads
     return {
         "idle_ms_per_s": run.router_idle_cpu_s / args.idle_s * 1e3,
+        "idle_loop_ms_per_s": threads[MAIN_THREAD]["cpu_ms_per_s"],
+        "idle_other_threads_ms_per_s": sum(
+            t["cpu_ms_per_s"] for name, t in threads.items() if name != MAIN_THREAD
+        ),
+        "idle_wakeups_per_s": sum(t["scheduled_per_s"] for t in threads.values()),
         "burst_ms_per_token": burst_ms,
         "burst_events_per_token": burst_events,
         "request_ms": run.router_cpu_s[1] / n * 1e3,
         "paced_ms_per_token": paced_ms,
         "paced_events_per_token": paced_events,
+        "idle_threads": threads,
     }
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import router_cpu
-from benchmarks._servers import REPO_ROOT
+from benchmarks._servers import MAIN_THREAD, REPO_ROOT
 
 
 @pytest.mark.timeout(300)
@@ -34,6 +34,10 @@ def test_router_cpu_against_itself(tmp_path: Path) -> None:
         # 16 x 64 tokens cost the router far more than one 10 ms clock tick.
         assert run["burst_ms_per_token"] > 0, run
         assert 0 < run["burst_events_per_token"] <= 1, run
+        # Ray's core worker wakes every 100 ms even when nothing happens.
+        assert run["idle_other_threads_ms_per_s"] > 0, run
+        assert run["idle_wakeups_per_s"] >= 10, run
+        assert MAIN_THREAD in run["idle_threads"], run
     assert set(data["medians"]["colocated"]) == set(router_cpu.FIGURES)
     floor = data["host_send_us"]
     assert set(floor) == {f"{m}_{s}" for m in ("paced", "back_to_back") for s in ("median", "mean")}
