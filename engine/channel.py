@@ -21,7 +21,9 @@ async actor's calls out of order).
 Stats ride along with a busy worker's traffic: after an outputs or answer frame, at most
 every ``STATS_PUSH_INTERVAL_S``, the worker sends its stats unasked, so the router need not
 poll a worker that is sending anyway (a poll costs the router ~0.45 ms of CPU: a call, its
-future and timeout, a wake-up for the answer; a pushed frame ~20 us).
+future and timeout, a wake-up for the answer; a pushed frame ~20 us). An idle worker sends
+them every ``STATS_HEARTBEAT_S`` (when nothing else has carried them for that long): the
+router's only news of a resting worker, one wake-up of the router where a poll costs two.
 
 Trust: the channel's address and a fresh 32-byte token cross Ray (the trusted control
 plane, see ``kv_transfer/security.py``). A connection must send the token first; the worker
@@ -60,6 +62,11 @@ CHANNEL_VERBS = frozenset(
 # A busy worker pushes its stats this often at most; the router polls a worker whose last
 # push is older than its own stats interval (0.25 s by default).
 STATS_PUSH_INTERVAL_S = 0.2
+# A connected worker's stats go out at least this often, busy or idle (the heartbeat); the
+# router asks a resting worker only when it has not heard from it for longer
+# (``router.backends.cluster.IDLE_STATS_INTERVAL_S``).
+STATS_HEARTBEAT_S = 2.0
+_TIMER_SLACK_S = 0.01  # an event loop may run a timer this much before its time
 
 TOKEN_BYTES = 32
 AUTH_TIMEOUT_S = 10.0
@@ -173,9 +180,11 @@ class _ServerConnection:
         self._closed = False
         self._stats_pushed_at = -float("inf")
         self._stats_push: asyncio.Task | None = None
+        self._heartbeat: asyncio.TimerHandle | None = None
 
     async def run(self, reader: asyncio.StreamReader, outputs: AsyncIterator[list]) -> None:
         self._pump = asyncio.ensure_future(self._send_outputs(outputs))
+        self._heartbeat = asyncio.get_running_loop().call_later(STATS_HEARTBEAT_S, self._beat)
         try:
             while not self._closed:
                 kind, call_id, verb, args = await _read_frame(reader)
@@ -202,6 +211,8 @@ class _ServerConnection:
             self._pump.cancel()
         if self._stats_push is not None:
             self._stats_push.cancel()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         self._writer.close()
 
     def _write(self, data: bytes) -> None:
@@ -234,6 +245,20 @@ class _ServerConnection:
             return
         self._stats_pushed_at = now
         self._stats_push = asyncio.ensure_future(self._push_stats())
+
+    def _beat(self) -> None:
+        """The heartbeat: push the stats if none went out for ``STATS_HEARTBEAT_S``, then
+        come back when the last push is that old (a push still waiting on a stuck engine
+        thread: look again in ``STATS_PUSH_INTERVAL_S``)."""
+        if self._closed:
+            return
+        now = time.monotonic()
+        if now - self._stats_pushed_at >= STATS_HEARTBEAT_S - _TIMER_SLACK_S:
+            self._push_stats_when_due()
+        delay_s = self._stats_pushed_at + STATS_HEARTBEAT_S - now
+        if delay_s <= _TIMER_SLACK_S:  # no push went out: one is still waiting
+            delay_s = STATS_PUSH_INTERVAL_S
+        self._heartbeat = asyncio.get_running_loop().call_later(delay_s, self._beat)
 
     async def _push_stats(self) -> None:
         try:

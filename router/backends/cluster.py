@@ -57,9 +57,11 @@ logger = logging.getLogger(__name__)
 
 STATS_TIMEOUT_S = 5.0  # a worker's stats call; past it the worker is not chosen until it answers
 # A worker with nothing to do (no request of the router's on it, nothing running, waiting,
-# reserved or pinned) cannot change its stats by itself: it is polled this often, not at
-# ``stats_interval_s``.
-IDLE_STATS_INTERVAL_S = 2.0
+# reserved or pinned) cannot change its stats by itself: it is asked only when the router has
+# not heard from it for this long, not every ``stats_interval_s``. A worker on a channel
+# pushes its stats at least every ``engine.channel.STATS_HEARTBEAT_S`` (2 s), so it is never
+# asked while it rests; an in-process one is asked this often.
+IDLE_STATS_INTERVAL_S = 3.0
 # After D's stream ends, how long the router waits for P's acknowledgment of the request's KV
 # transfer before it stops watching (its figures go into the KV transfer metrics).
 TRANSFER_ACK_GRACE_S = 1.0
@@ -209,10 +211,11 @@ class ClusterBackend:
         ``stats_interval_s``); a busy worker's pushes are recorded as they come
         (``_on_pushed``) and put its next refresh off, so a router whose workers keep pushing
         does not wake for their stats at all. While the cluster rests, only when an idle
-        worker's poll is due, or at once when a request arrives or a worker joins
-        (``_want_stats``). An idle router then wakes for it every ``IDLE_STATS_INTERVAL_S``
-        (each wake-up of an idle process costs ~0.1-0.8 ms of CPU on this project's 2-core
-        VMs, whose caches are cold by then)."""
+        worker's poll is due (it went ``IDLE_STATS_INTERVAL_S`` without a heartbeat), or at
+        once when a request arrives or a worker joins (``_want_stats``): an idle router wakes
+        only for its workers' heartbeats, one wake-up each where a poll costs two (each
+        wake-up of an idle process costs ~0.1-0.8 ms of CPU on this project's 2-core VMs,
+        whose caches are cold by then)."""
         try:
             while True:
                 rest_s = self._rest_s(time.monotonic())
@@ -239,13 +242,20 @@ class ClusterBackend:
             self._schedule_stats()
 
     def _on_pushed(self, worker: WorkerClient) -> None:
-        """A serving worker pushed its stats: record them now and put off the refresh."""
+        """A serving worker pushed its stats (busy, or its idle heartbeat): record them now
+        and put off the refresh."""
         pushed = worker.pushed_stats
         if pushed is None or not (worker in self.cluster.decode or worker in self.cluster.prefill):
             return  # retired or draining: refresh_stats no longer records it either
         self._record_stats(worker, pushed[1])
         if not self._stats_resting:
             self._schedule_stats()
+            return
+        rest_s = self._rest_s(time.monotonic())
+        if rest_s is None:  # it is not idle after all: the task looks again now
+            self._stats_wanted.set()
+        else:
+            self._schedule_stats(rest_s)
 
     def _schedule_stats(self, delay_s: float | None = None) -> None:
         """(Re)arm the timer that wakes the stats task: in ``delay_s``, or when the next
@@ -260,15 +270,15 @@ class ClusterBackend:
     def _stats_due_s(self, now: float) -> float:
         """Seconds until ``refresh_stats`` has a worker to ask, as it decides: a busy
         worker ``stats_interval_s`` after its last answer or push, a resting one
-        ``IDLE_STATS_INTERVAL_S`` after its last poll; never sooner than
-        ``stats_interval_s`` after the last refresh."""
+        ``IDLE_STATS_INTERVAL_S`` after them; never sooner than ``stats_interval_s`` after
+        the last refresh."""
         interval = self.config.stats_interval_s
         due = now + interval
         for worker in self.cluster.prefill + self.cluster.decode:
-            if self._resting(worker, now):
-                due = min(due, self._polled_at[worker.worker_id] + IDLE_STATS_INTERVAL_S)
-                continue
             heard_at = self._heard_at(worker)
+            if heard_at is not None and self._resting(worker, now):
+                due = min(due, heard_at + IDLE_STATS_INTERVAL_S)
+                continue
             due = min(due, now if heard_at is None else heard_at + interval)
         return max(0.0, due - now, self._refreshed_at + interval - now)
 
@@ -283,14 +293,17 @@ class ClusterBackend:
 
     def _rest_s(self, now: float) -> float | None:
         """While the cluster rests (no request in flight, every worker ``_resting``), the
-        seconds until an idle worker's poll is due; else None."""
+        seconds until an idle worker's poll is due (the one heard from longest ago); else
+        None."""
         if self._inflight:
             return None
-        workers = self.cluster.prefill + self.cluster.decode
-        if not all(self._resting(worker, now) for worker in workers):
-            return None
-        last_poll = min((self._polled_at[w.worker_id] for w in workers), default=now)
-        return max(0.0, last_poll + IDLE_STATS_INTERVAL_S - now)
+        heard = []
+        for worker in self.cluster.prefill + self.cluster.decode:
+            heard_at = self._heard_at(worker)
+            if heard_at is None or not self._resting(worker, now):
+                return None
+            heard.append(heard_at)
+        return max(0.0, min(heard, default=now) + IDLE_STATS_INTERVAL_S - now)
 
     # -- requests ----------------------------------------------------------------------
 
@@ -603,8 +616,9 @@ class ClusterBackend:
         """Every worker's stats: pushed by a busy worker within ``stats_interval_s`` (see
         ``engine.channel``), else polled, each within ``STATS_TIMEOUT_S``: a worker that
         does not answer (dead, or hung) leaves the policy's input until it does, and cannot
-        hold up the others' refresh. An idle worker is polled every
-        ``IDLE_STATS_INTERVAL_S``; ``poll_all`` asks every worker now."""
+        hold up the others' refresh. An idle worker is polled only when neither its answer
+        nor its push came within ``IDLE_STATS_INTERVAL_S``; ``poll_all`` asks every worker
+        now."""
         now = time.monotonic()
         due = []
         for worker in self.cluster.prefill + self.cluster.decode:
@@ -639,12 +653,12 @@ class ClusterBackend:
         )
 
     def _resting(self, worker: WorkerClient, now: float) -> bool:
-        """Idle when last asked, asked less than ``IDLE_STATS_INTERVAL_S`` ago, and no
-        request of the router's is on it now (a prefill worker's KV transfers still reading
-        its blocks show as pinned blocks)."""
+        """Idle by its last stats, which came (answered or pushed) less than
+        ``IDLE_STATS_INTERVAL_S`` ago, and no request of the router's is on it now (a prefill
+        worker's KV transfers still reading its blocks show as pinned blocks)."""
         stats = self._stats.get(worker.worker_id)
-        polled_at = self._polled_at.get(worker.worker_id)
-        if stats is None or polled_at is None or now - polled_at >= IDLE_STATS_INTERVAL_S:
+        heard_at = self._heard_at(worker)
+        if stats is None or heard_at is None or now - heard_at >= IDLE_STATS_INTERVAL_S:
             return False
         if stats.num_running or stats.num_waiting or stats.num_reserved or stats.num_pinned_blocks:
             return False

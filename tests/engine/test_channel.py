@@ -13,6 +13,7 @@ import time
 import pytest
 import uvloop
 
+from engine import channel as channel_module
 from engine.channel import (
     STATS_PUSH_INTERVAL_S,
     TOKEN_BYTES,
@@ -181,6 +182,40 @@ class BusyWorker(Worker):
     async def stats(self) -> dict:
         self.num_stats += 1
         return {"asked": self.num_stats}
+
+
+@_sync
+async def test_an_idle_worker_pushes_its_stats_every_heartbeat(monkeypatch) -> None:
+    heartbeat_s = 0.25  # above STATS_PUSH_INTERVAL_S, as the real one (2 s) is
+    monkeypatch.setattr(channel_module, "STATS_HEARTBEAT_S", heartbeat_s)
+    worker = BusyWorker()
+    server = ChannelServer(worker, worker.outputs)
+    address = await server.open("127.0.0.1")
+    pushed: list[float] = []
+    client = await ChannelClient.connect(
+        address, [].append, [].append, lambda stats: pushed.append(time.monotonic())
+    )
+    start = time.monotonic()
+    await asyncio.sleep(1.1)  # no call, no output: the heartbeat alone
+    assert 3 <= len(pushed) <= 5, pushed
+    gaps = [b - a for a, b in zip([start, *pushed], pushed)]
+    assert all(heartbeat_s - 0.05 <= gap <= heartbeat_s + 0.2 for gap in gaps), gaps
+
+    await asyncio.sleep(heartbeat_s * 0.6)  # a frame's push now puts the next beat off
+    await client.call("decode", "r1", 1)
+    await _until(lambda: len(pushed) == 5 or pushed[-1] > start + 1.2)
+    traffic_push = pushed[-1]
+    await asyncio.sleep(heartbeat_s * 0.8)
+    assert pushed[-1] == traffic_push  # not a beat on the old schedule
+    await _until(lambda: pushed[-1] > traffic_push)
+    assert pushed[-1] - traffic_push >= heartbeat_s - 0.05
+
+    client.close()
+    await asyncio.sleep(0.1)
+    asked = worker.num_stats
+    await asyncio.sleep(2 * heartbeat_s)
+    assert worker.num_stats == asked  # the connection's heartbeat stopped with it
+    server.close()
 
 
 @_sync

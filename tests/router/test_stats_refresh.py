@@ -1,6 +1,7 @@
 """The router's stats refresh: a busy worker's pushed stats stand in for a poll, an idle
-worker is asked every ``IDLE_STATS_INTERVAL_S``, a worker that fails drops out; fresh stats
-stand in for the periodic health check too. The
+worker is asked once it goes ``IDLE_STATS_INTERVAL_S`` unheard (its heartbeat keeps it
+unasked), a worker that fails drops out; fresh stats stand in for the periodic health check
+too. The
 worker side of the push (``engine.channel``) is tested in ``tests/engine/test_channel.py``;
 a real cluster's stats reach the router in ``tests/serving``."""
 
@@ -273,6 +274,46 @@ def test_a_pushing_worker_is_recorded_at_once_and_never_wakes_the_stats_task():
             await _until(lambda: decode.polls >= 3)  # it stopped pushing: asked again
             gaps = [b - a for a, b in itertools.pairwise(refreshes)]
             assert all(gap >= 0.04 for gap in gaps), gaps  # never above its cadence
+        finally:
+            loop.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_idle_workers_heartbeats_keep_them_resting_unasked_and_the_task_asleep(monkeypatch):
+    monkeypatch.setattr(cluster_module, "IDLE_STATS_INTERVAL_S", 0.3)
+    backend, prefill, decode = _backend()
+    backend.config = replace(backend.config, stats_interval_s=0.01)
+    refreshes: list[float] = []
+    refresh = backend.refresh_stats
+
+    async def counted_refresh(poll_all: bool = False) -> None:
+        refreshes.append(time.monotonic())
+        await refresh(poll_all)
+
+    backend.refresh_stats = counted_refresh  # type: ignore[method-assign]
+
+    def beat(worker: Client) -> None:  # what the channel does with an idle worker's push
+        worker.pushed_stats = (time.monotonic(), _stats(worker.worker_id, worker.role))
+        backend._on_pushed(worker)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        await refresh()  # both asked once, as at start: idle
+        loop = asyncio.create_task(backend._stats_loop())
+        try:
+            await _until(lambda: backend._stats_resting)
+            for _ in range(10):  # 1 s of heartbeats every 0.1 s: three idle intervals
+                beat(prefill)
+                beat(decode)
+                await asyncio.sleep(0.1)
+            assert (prefill.polls, decode.polls) == (1, 1)  # never asked
+            assert refreshes == []  # each beat put the task's wake-up off
+            for _ in range(8):  # D falls silent; P keeps beating
+                beat(prefill)
+                await asyncio.sleep(0.1)
+            assert decode.polls >= 2  # asked once it went an idle interval unheard
+            assert prefill.polls == 1
+            assert all(b - a >= 0.25 for a, b in itertools.pairwise(refreshes)), refreshes
         finally:
             loop.cancel()
 
