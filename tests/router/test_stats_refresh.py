@@ -12,6 +12,7 @@ import itertools
 import time
 from dataclasses import replace
 from types import SimpleNamespace
+from typing import Any
 
 from engine.wire import WorkerStats
 from router.backends import cluster as cluster_module
@@ -242,9 +243,8 @@ def test_the_cluster_health_check_asks_only_the_workers_not_known_alive():
     assert healthy == {"p0": False, "d0": True} and asked == ["p0", "p0", "d0"]
 
 
-def test_a_pushing_worker_is_recorded_at_once_and_never_wakes_the_stats_task():
-    backend, _, decode = _backend()
-    backend.config = replace(backend.config, stats_interval_s=0.05)
+def _count_refreshes(backend: ClusterBackend) -> tuple[list[float], Any]:
+    """Record when ``backend.refresh_stats`` runs; returns the times and the real method."""
     refreshes: list[float] = []
     refresh = backend.refresh_stats
 
@@ -253,20 +253,29 @@ def test_a_pushing_worker_is_recorded_at_once_and_never_wakes_the_stats_task():
         await refresh(poll_all)
 
     backend.refresh_stats = counted_refresh  # type: ignore[method-assign]
+    return refreshes, refresh
 
-    async def push(worker: Client, **busy: int) -> None:
-        worker.pushed_stats = (time.monotonic(), _stats(worker.worker_id, worker.role, **busy))
-        backend._on_pushed(worker)  # type: ignore[arg-type]  # what the channel calls
+
+def _push(backend: ClusterBackend, worker: Client, **busy: int) -> None:
+    """What the channel does with a worker's pushed stats (busy, or an idle heartbeat)."""
+    worker.pushed_stats = (time.monotonic(), _stats(worker.worker_id, worker.role, **busy))
+    backend._on_pushed(worker)  # type: ignore[arg-type]
+
+
+def test_a_pushing_worker_is_recorded_at_once_and_never_wakes_the_stats_task():
+    backend, _, decode = _backend()
+    backend.config = replace(backend.config, stats_interval_s=0.05)
+    refreshes, refresh = _count_refreshes(backend)
 
     async def scenario() -> None:
         await refresh()  # both asked once, as at start
         backend._inflight["r1"] = _InFlight(decode, None, "r1")  # type: ignore[arg-type]
-        await push(decode, num_running=1)
+        _push(backend, decode, num_running=1)
         assert backend.worker_stats()["decode-0"].num_running == 1  # recorded at once
         loop = asyncio.create_task(backend._stats_loop())
         try:
             for i in range(20):  # every 20 ms, for 0.4 s: eight of its 50 ms intervals
-                await push(decode, num_running=i + 1)
+                _push(backend, decode, num_running=i + 1)
                 await asyncio.sleep(0.02)
             assert decode.polls == 1  # never asked while it pushed
             assert backend.worker_stats()["decode-0"].num_running == 20
@@ -284,18 +293,7 @@ def test_idle_workers_heartbeats_keep_them_resting_unasked_and_the_task_asleep(m
     monkeypatch.setattr(cluster_module, "IDLE_STATS_INTERVAL_S", 0.3)
     backend, prefill, decode = _backend()
     backend.config = replace(backend.config, stats_interval_s=0.01)
-    refreshes: list[float] = []
-    refresh = backend.refresh_stats
-
-    async def counted_refresh(poll_all: bool = False) -> None:
-        refreshes.append(time.monotonic())
-        await refresh(poll_all)
-
-    backend.refresh_stats = counted_refresh  # type: ignore[method-assign]
-
-    def beat(worker: Client) -> None:  # what the channel does with an idle worker's push
-        worker.pushed_stats = (time.monotonic(), _stats(worker.worker_id, worker.role))
-        backend._on_pushed(worker)  # type: ignore[arg-type]
+    refreshes, refresh = _count_refreshes(backend)
 
     async def scenario() -> None:
         await refresh()  # both asked once, as at start: idle
@@ -303,13 +301,13 @@ def test_idle_workers_heartbeats_keep_them_resting_unasked_and_the_task_asleep(m
         try:
             await _until(lambda: backend._stats_resting)
             for _ in range(10):  # 1 s of heartbeats every 0.1 s: three idle intervals
-                beat(prefill)
-                beat(decode)
+                _push(backend, prefill)
+                _push(backend, decode)
                 await asyncio.sleep(0.1)
             assert (prefill.polls, decode.polls) == (1, 1)  # never asked
             assert refreshes == []  # each beat put the task's wake-up off
             for _ in range(8):  # D falls silent; P keeps beating
-                beat(prefill)
+                _push(backend, prefill)
                 await asyncio.sleep(0.1)
             assert decode.polls >= 2  # asked once it went an idle interval unheard
             assert prefill.polls == 1
