@@ -172,7 +172,7 @@ class ClusterBackend:
         self._stats_timer: asyncio.TimerHandle | None = None  # sets _stats_wanted when due
         self._stats_resting = False  # the stats task waits for an idle poll or a request
         self._refreshed_at = -float("inf")  # when refresh_stats last started
-        cluster.on_join = self._want_stats
+        cluster.on_join = self._schedule_stats
         self.planner: PlannerLoop | None = None  # --planner: started with the backend
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -212,7 +212,7 @@ class ClusterBackend:
         (``_on_pushed``) and put its next refresh off, so a router whose workers keep pushing
         does not wake for their stats at all. While the cluster rests, only when an idle
         worker's poll is due (it went ``IDLE_STATS_INTERVAL_S`` without a heartbeat), or at
-        once when a request arrives or a worker joins (``_want_stats``): an idle router wakes
+        once when a request arrives or a worker joins (``_schedule_stats``): an idle router wakes
         only for its workers' heartbeats, one wake-up each where a poll costs two (each
         wake-up of an idle process costs ~0.1-0.8 ms of CPU on this project's 2-core VMs,
         whose caches are cold by then)."""
@@ -233,14 +233,6 @@ class ClusterBackend:
             if self._stats_timer is not None:
                 self._stats_timer.cancel()
 
-    def _want_stats(self) -> None:
-        """A request arrived or a worker joined: a resting stats task refreshes now; a busy
-        one reschedules (a new worker has no stats yet: it is due at once)."""
-        if self._stats_resting:
-            self._stats_wanted.set()
-        else:
-            self._schedule_stats()
-
     def _on_pushed(self, worker: WorkerClient) -> None:
         """A serving worker pushed its stats (busy, or its idle heartbeat): record them now
         and put off the refresh."""
@@ -248,22 +240,21 @@ class ClusterBackend:
         if pushed is None or not (worker in self.cluster.decode or worker in self.cluster.prefill):
             return  # retired or draining: refresh_stats no longer records it either
         self._record_stats(worker, pushed[1])
-        if not self._stats_resting:
-            self._schedule_stats()
-            return
-        rest_s = self._rest_s(time.monotonic())
-        if rest_s is None:  # it is not idle after all: the task looks again now
-            self._stats_wanted.set()
-        else:
-            self._schedule_stats(rest_s)
+        self._schedule_stats()
 
     def _schedule_stats(self, delay_s: float | None = None) -> None:
         """(Re)arm the timer that wakes the stats task: in ``delay_s``, or when the next
-        worker's stats are due (``_stats_due_s``)."""
+        worker's stats are due (``_stats_due_s``); while the task rests, when an idle
+        worker's poll is due (``_rest_s``), or now if the cluster no longer rests (a request
+        arrived, a worker joined, a push shows work). Called for every request, join and
+        push."""
         if self._stats_timer is not None:
             self._stats_timer.cancel()
         now = time.monotonic()
-        if delay_s is None:
+        if delay_s is None and self._stats_resting:
+            rest_s = self._rest_s(now)
+            delay_s = 0.0 if rest_s is None else rest_s
+        elif delay_s is None:
             delay_s = self._stats_due_s(now)
         self._stats_timer = asyncio.get_running_loop().call_later(delay_s, self._stats_wanted.set)
 
@@ -324,7 +315,7 @@ class ClusterBackend:
                 decode, prefill, worker_request_id, local_prefill_tokens=local_tokens
             )
             self._inflight[request_id] = inflight
-            self._want_stats()  # the stats refresh stops resting, if it was
+            self._schedule_stats()  # the stats refresh stops resting, if it was
             # The attempt's stream is read here, not through a generator layer of its own
             # (each layer is paid again for every token); its failures become
             # ``_AttemptFailed`` naming the worker to avoid.

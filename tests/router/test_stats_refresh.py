@@ -160,7 +160,7 @@ def test_the_refresh_rests_while_the_cluster_does_and_wakes_for_a_request(monkey
 
             backend._inflight["r1"] = _InFlight(decode, None, "r1")  # type: ignore[arg-type]
             assert backend._rest_s(time.monotonic()) is None
-            backend._want_stats()  # what generate() does with a new request
+            backend._schedule_stats()  # what generate() does with a new request
             await _until(lambda: decode.polls >= 3)  # every interval while it is on D
             assert prefill.polls == 1  # P has no request: still resting
 
