@@ -619,10 +619,13 @@ class ClusterBackend:
                 self._record_stats(worker, pushed[1])
             elif poll_all or not self._resting(worker, now):
                 due.append(worker)
-        results = await asyncio.gather(
-            *(asyncio.wait_for(w.stats(), STATS_TIMEOUT_S) for w in due),
-            return_exceptions=True,
-        )
+
+        async def ask(worker: WorkerClient) -> WorkerStats:
+            # The call is made inside the task: cancelled before it starts (the router
+            # stopping mid-refresh), no ``stats()`` coroutine is left unawaited.
+            return await asyncio.wait_for(worker.stats(), STATS_TIMEOUT_S)
+
+        results = await asyncio.gather(*(ask(w) for w in due), return_exceptions=True)
         for worker, stats in zip(due, results):
             if isinstance(stats, BaseException):
                 if isinstance(stats, asyncio.TimeoutError):

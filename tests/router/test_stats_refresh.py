@@ -8,8 +8,10 @@ a real cluster's stats reach the router in ``tests/serving``."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import time
+import warnings
 from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
@@ -127,6 +129,25 @@ def test_a_worker_that_fails_its_poll_or_dies_drops_out_until_it_answers():
     backend.cluster.worker = lambda worker_id: decode
     backend._worker_died(decode)  # type: ignore[arg-type]
     assert decode.pushed_stats is None and "decode-0" not in backend.worker_stats()
+
+
+def test_a_refresh_cancelled_before_its_calls_start_leaves_no_call_unawaited():
+    """The router stopping mid-refresh: the refresh is cancelled after it has queued its
+    calls but before they ran; no worker call is made (and none dropped unawaited)."""
+    backend, prefill, decode = _backend()
+
+    async def main() -> None:
+        refresh = asyncio.create_task(backend.refresh_stats(poll_all=True))
+        await asyncio.sleep(0)  # the refresh runs up to its gather, whose tasks wait
+        refresh.cancel()
+        await asyncio.gather(refresh, return_exceptions=True)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncio.run(main())
+        gc.collect()
+    assert (prefill.polls, decode.polls) == (0, 0)
+    assert not [w for w in caught if "never awaited" in str(w.message)]
 
 
 async def _until(predicate, timeout_s: float = 10.0) -> None:
