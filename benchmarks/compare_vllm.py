@@ -11,7 +11,8 @@ CPU with one OpenMP thread per engine process, 64 sequences and 2048 batched tok
 step, and prefix caching on. After the warm-ups each server sits idle for ``--idle-s``
 seconds: its front process's CPU meanwhile (pdserve's router, vLLM's API server), a second
 and thread by thread, and per run what that background rate comes to per output token
-("of which idle rate": at the paced rate it is much of the router's figure). vLLM is
+("of which idle rate": at the paced rate it is much of the router's figure); before the
+servers and after them, the host's floors under a paced token (``host_floor.py``). vLLM is
 installed by this script into its own venv (``$PDSERVE_VLLM_VENV`` or ``.cache/vllm-venv``)
 on first use; if that fails, the error is recorded and pdserve's figures stand alone.
 
@@ -34,6 +35,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from benchmarks import host_floor
 from benchmarks._servers import (
     LOG_DIR,
     MODEL_NAMES,
@@ -352,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "vllm": {"version": VLLM_VERSION, "python": str(vllm_python), "error": vllm_error},
         "models": {},
+        # the host's floors under a paced token's CPU, before the servers and after them
+        # (these hosts drift: the same command has moved 2x)
+        "host_floor": {"start": host_floor.measure()},
     }
     texts = []
     for name in args.models.split(","):
@@ -359,9 +364,12 @@ def main(argv: list[str] | None = None) -> int:
         report["models"][name] = section
         texts += [table(name, section["servers"]), ratio_table(name, section["servers"])]
 
+    report["host_floor"]["end"] = host_floor.measure()
     out = args.out_dir / "pdserve_vs_vllm.json"
     out.write_text(json.dumps(report, indent=2, default=str))
     print("\n\n".join(texts))
+    for when, floor in report["host_floor"].items():
+        print(f"{when}: {host_floor.describe(floor)}")
     print(f"wrote {out}")
     complete = all(
         all(kind in s for kind in RUNS)

@@ -31,12 +31,10 @@ On this 2-core machine the load generator, the engine and the router share the c
 one server's figures move by up to ~30% from run to run: compare medians of several
 rounds, never two single runs.
 
-It also measures a floor under the paced figure that no router code can go below: the CPU
-one SSE-sized write (200 bytes) to a loopback TCP connection costs the writing thread, once
-every ``SEND_GAP_S`` (a lone stream's inter-token gap) and back to back (``host_send``:
-the kernel delivers to the reader and wakes it inside the writer's system call, and after
-a sleep the writer's caches are cold). A paced token costs the router at least one such
-write, plus reading its worker's frame.
+It also measures the host's floors under the paced figure, which no router code goes
+below (``benchmarks/host_floor.py``: a loopback write's CPU, and what waking after a
+lone stream's inter-token gap costs the same Python against staying awake): a paced
+token costs the router at least one such write and one such wake-up.
 """
 
 from __future__ import annotations
@@ -44,14 +42,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import socket
 import statistics
-import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
+from benchmarks import host_floor
 from benchmarks._servers import (
     LOG_DIR,
     MAIN_THREAD,
@@ -76,14 +72,6 @@ INPUT_LEN = 128
 OUTPUT_LEN = 64
 PACED_RATE = 8.0
 NO_CONTENT = "stream carried no content"
-SEND_BYTES = 200  # about one SSE text event
-SEND_GAP_S = 0.03  # a lone stream's inter-token gap on the ~100M model
-SEND_COUNT = 300
-_DRAIN = (
-    "import socket, sys\n"
-    "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n"
-    "while s.recv(65536): pass\n"
-)
 FIGURES = (
     "idle_ms_per_s",
     "idle_loop_ms_per_s",  # of which its event loop's thread (schedstat: ns, not ticks)
@@ -115,35 +103,6 @@ def _per_token(run: ServerRun, index: int) -> tuple[float, float]:
     tokens = result.metrics.total_output_tokens
     events = sum(len(r.chunk_times) for r in result.records)
     return run.router_cpu_s[index] / tokens * 1e3, events / tokens
-
-
-def host_send_us() -> dict[str, float]:
-    """CPU microseconds (this thread's) of one ``SEND_BYTES`` write to a loopback TCP
-    connection whose reader is another process: median and mean, paced every
-    ``SEND_GAP_S`` and back to back."""
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        port = server.getsockname()[1]
-        reader = subprocess.Popen([sys.executable, "-c", _DRAIN, str(port)])
-        try:
-            server.settimeout(30)
-            connection, _ = server.accept()
-            with connection:
-                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                message = b"x" * SEND_BYTES
-                figures = {}
-                for name, gap_s in (("paced", SEND_GAP_S), ("back_to_back", 0.0)):
-                    costs = []
-                    for _ in range(SEND_COUNT):
-                        if gap_s:
-                            time.sleep(gap_s)
-                        start = time.thread_time_ns()
-                        connection.sendall(message)
-                        costs.append((time.thread_time_ns() - start) / 1e3)
-                    figures[f"{name}_median"] = statistics.median(costs)
-                    figures[f"{name}_mean"] = statistics.fmean(costs)
-        finally:
-            reader.wait(timeout=30)  # it ends when the connection closes
-    return figures
 
 
 def measure(mode: str, pythonpath: str | None, args: argparse.Namespace, seed: int) -> dict:
@@ -239,13 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                 row.append(fmt(values["this"] / other, 2) if other > 0 else "n/a")
             rows.append(row)
     print(format_table(header, rows))
-    floor = host_send_us()
-    print(
-        f"host floor: one {SEND_BYTES}-byte loopback write costs the writer "
-        f"{floor['paced_median']:.1f} us median / {floor['paced_mean']:.1f} us mean of CPU "
-        f"once every {SEND_GAP_S * 1e3:.0f} ms, {floor['back_to_back_median']:.1f} / "
-        f"{floor['back_to_back_mean']:.1f} us back to back"
-    )
+    floor = host_floor.measure()
+    print(host_floor.describe(floor))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
@@ -265,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                     "idle_s": args.idle_s,
                 },
                 "medians": summary,
-                "host_send_us": floor,
+                "host_floor": floor,
                 "runs": runs,
             },
             indent=2,

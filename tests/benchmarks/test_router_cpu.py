@@ -39,10 +39,7 @@ def test_router_cpu_against_itself(tmp_path: Path) -> None:
         assert run["idle_wakeups_per_s"] >= 10, run
         assert MAIN_THREAD in run["idle_threads"], run
     assert set(data["medians"]["colocated"]) == set(router_cpu.FIGURES)
-    floor = data["host_send_us"]
-    assert set(floor) == {f"{m}_{s}" for m in ("paced", "back_to_back") for s in ("median", "mean")}
-    assert all(math.isfinite(v) and v >= 0 for v in floor.values()), floor
-    assert floor["paced_mean"] > 0, floor
+    assert set(data["host_floor"]) == {"send_us", "wake_us"}
 
 
 def test_router_cpu_refuses_a_folder_that_is_not_pdserve(tmp_path: Path) -> None:
