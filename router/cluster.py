@@ -63,6 +63,16 @@ def parse_resources(text: str | None) -> dict[str, float]:
     return {str(k): float(v) for k, v in value.items()}
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on, which the local Ray's workers inherit: its
+    affinity (a container's cpuset, ``taskset``), where ``os.cpu_count()`` counts the
+    machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """Which workers to run and where (CLI flags of the same names)."""
@@ -302,7 +312,7 @@ class Cluster:
         return (worker_id, engine, config.kv_transfer, config.kv_host)
 
     def _engine_config(self) -> EngineConfig:
-        """On CPU, Ray workers split this machine's cores unless --num-threads (or
+        """On CPU, Ray workers split the router's usable cores unless --num-threads (or
         OMP_NUM_THREADS) says otherwise: each worker is its own process, and oversubscribed
         torch threads crawl. With the planner, the split is by the most workers it may run,
         so workers it adds later get as many threads as the first ones."""
@@ -317,7 +327,7 @@ class Cluster:
         num_workers = self.config.max_num_workers or (
             self.config.effective_num_prefill + self.config.num_decode
         )
-        num_threads = max(1, (os.cpu_count() or 1) // num_workers)
+        num_threads = max(1, usable_cpus() // num_workers)
         return replace(engine, parallel=replace(engine.parallel, num_threads=num_threads))
 
     def _make_worker(self, role: str, worker_id: str) -> PrefillWorker | DecodeWorker:

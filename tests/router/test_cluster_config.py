@@ -1,12 +1,16 @@
 """Which engine config each worker role gets from ``ClusterConfig``: the prefill workers'
-own step budget (``--prefill-max-num-batched-tokens``) and its checks. A served cluster
+own step budget (``--prefill-max-num-batched-tokens``) and its checks, and each worker's
+share of the usable cores. A served cluster
 with the budget: ``tests/serving/test_prefill_budget.py``."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from engine.config import EngineConfig, SchedulerConfig
+from router import cluster as cluster_module
 from router.cluster import Cluster, ClusterConfig
 
 
@@ -39,3 +43,16 @@ def test_the_prefill_budget_reaches_the_prefill_workers_only() -> None:
 def test_a_bad_prefill_budget_is_refused(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ClusterConfig(**fields)
+
+
+def test_workers_split_the_cores_the_router_may_use_not_the_machines(monkeypatch) -> None:
+    """A cpuset or ``taskset`` of 4 CPUs on a 64-CPU machine: two workers get 2 threads
+    each (32 each would oversubscribe the 4 cores 16 times)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert cluster_module.usable_cpus() == 4
+    threads = Cluster(ClusterConfig())._worker_args("decode", "decode-0")[1].parallel.num_threads
+    assert threads == 2
+    monkeypatch.delattr(os, "sched_getaffinity")  # a platform without affinity
+    assert cluster_module.usable_cpus() == 64
