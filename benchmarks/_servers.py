@@ -607,22 +607,50 @@ class ServerRun:
     error: str = ""
 
 
+def pin_threads(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` onto ``cpus``; the threads and processes it starts later
+    inherit the affinity of the thread that starts them."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):  # the thread ended meanwhile
+            os.sched_setaffinity(int(task.name), cpus)
+
+
+def split_cpus(front_cpu: int) -> set[int]:
+    """For a front process on ``front_cpu`` alone: this process's threads (the load
+    generator, and every server it starts from now) move to the other usable CPUs, which
+    it returns."""
+    usable = os.sched_getaffinity(0)
+    if front_cpu not in usable or len(usable) < 2:
+        raise ValueError(
+            f"CPU {front_cpu} for the front process needs another CPU for the rest: "
+            f"this process may use {sorted(usable)}"
+        )
+    rest = usable - {front_cpu}
+    pin_threads(os.getpid(), rest)
+    return rest
+
+
 def run_on_server(
     server: ServerProcess,
     benches: list[BenchConfig],
     warmups: tuple[BenchConfig, ...] = (),
     ready_timeout_s: float = 300.0,
     idle_s: float = 0.0,
+    front_cpus: set[int] | None = None,
 ) -> ServerRun:
     """Wait for ``server``, run ``warmups`` (not recorded), let it sit idle for ``idle_s``
     (its router's CPU meanwhile: ``router_idle_cpu_s``, and thread by thread:
     ``router_idle_threads``), then run ``benches`` against it,
-    and stop it whatever happens. A failure is recorded in ``ServerRun.error``, not raised."""
+    and stop it whatever happens. A failure is recorded in ``ServerRun.error``, not raised.
+    ``front_cpus``: once it is ready, its front process (not the workers or engine
+    processes it started) runs on these CPUs (``split_cpus``)."""
     from benchmarks.serving.loadgen import run_benchmark
 
     run = ServerRun(server.name, server.command)
     try:
         run.startup_s = wait_ready(server, ready_timeout_s)
+        if front_cpus is not None:
+            pin_threads(server.pid, front_cpus)
         for warmup in warmups:
             run_benchmark(dataclasses.replace(warmup, base_url=server.base_url, progress=False))
         if idle_s > 0:

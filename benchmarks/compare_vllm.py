@@ -12,7 +12,11 @@ step, and prefix caching on. After the warm-ups each server sits idle for ``--id
 seconds: its front process's CPU meanwhile (pdserve's router, vLLM's API server), a second
 and thread by thread, and per run what that background rate comes to per output token
 ("of which idle rate": at the paced rate it is much of the router's figure); before the
-servers and after them, the host's floors under a paced token (``host_floor.py``). vLLM is
+servers and after them, the host's floors under a paced token (``host_floor.py``).
+``--front-cpu N`` gives each server's front process CPU N alone once it is ready (its
+engines, Ray and the load generator run on the others): a front end on a core of its own,
+as in a deployment whose engines run on GPUs, where on a small CPU-only machine it shares
+its cores and their caches with an engine that streams its weights every step. vLLM is
 installed by this script into its own venv (``$PDSERVE_VLLM_VENV`` or ``.cache/vllm-venv``)
 on first use; if that fails, the error is recorded and pdserve's figures stand alone.
 
@@ -53,6 +57,7 @@ from benchmarks._servers import (
     machine_info,
     model_path,
     run_on_server,
+    split_cpus,
     start_pdserve,
     start_vllm,
     text_workload,
@@ -284,7 +289,8 @@ def compare_model(
             continue
         process = start_server(server, name, args, vllm_python)
         labelled = [dataclasses.replace(b, label=server) for b in benches]
-        run = run_on_server(process, labelled, warmups, args.ready_timeout_s, args.idle_s)
+        front = None if args.front_cpu is None else {args.front_cpu}
+        run = run_on_server(process, labelled, warmups, args.ready_timeout_s, args.idle_s, front)
         by_server[server] = {
             **summary(run, args.idle_s),
             "command": " ".join(run.command),
@@ -330,8 +336,21 @@ def main(argv: list[str] | None = None) -> int:
         default=10.0,
         help="measure each front process's idle CPU this long after the warm-ups (0: not)",
     )
+    parser.add_argument(
+        "--front-cpu",
+        type=int,
+        default=None,
+        help="once each server is ready, its front process (pdserve's router, vLLM's API "
+        "server) runs on this CPU alone, and its engines, Ray and the load generator on "
+        "the others: a front end on a core of its own, as a deployment with GPUs has it",
+    )
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
+    if args.front_cpu is not None:
+        try:
+            split_cpus(args.front_cpu)
+        except ValueError as error:
+            parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     for server in args.servers.split(","):
