@@ -397,7 +397,9 @@ def test_past_the_drain_timeout_requests_migrate(local_ray: None, offline: Offli
     with serve(args) as server:
         backend = server.backend
         old_pid = server.worker_infos["decode-1"].pid
-        with Load(server, 50_000, SHORT_WORDS, 300, num_clients=4, max_requests=1) as load:
+        # 1000 tokens (3-10 s here) outlast the 1 s drain timeout from the moment a request
+        # is seen on decode-1; 300 did not always (~3.3 ms a token when the host is quick).
+        with Load(server, 50_000, SHORT_WORDS, 1000, num_clients=4, max_requests=1) as load:
             deadline = time.monotonic() + 60
             while backend.num_in_flight("decode-1") == 0:
                 assert time.monotonic() < deadline, "no request reached decode-1"
