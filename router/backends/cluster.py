@@ -218,10 +218,9 @@ class ClusterBackend:
         whose caches are cold by then)."""
         try:
             while True:
-                rest_s = self._rest_s(time.monotonic())
                 self._stats_wanted.clear()
-                self._stats_resting = rest_s is not None
-                self._schedule_stats(rest_s)
+                self._stats_resting = self._rest_s(time.monotonic()) is not None
+                self._schedule_stats()
                 await self._stats_wanted.wait()
                 self._stats_resting = False
                 self._refreshed_at = time.monotonic()
@@ -242,19 +241,19 @@ class ClusterBackend:
         self._record_stats(worker, pushed[1])
         self._schedule_stats()
 
-    def _schedule_stats(self, delay_s: float | None = None) -> None:
-        """(Re)arm the timer that wakes the stats task: in ``delay_s``, or when the next
-        worker's stats are due (``_stats_due_s``); while the task rests, when an idle
-        worker's poll is due (``_rest_s``), or now if the cluster no longer rests (a request
-        arrived, a worker joined, a push shows work). Called for every request, join and
-        push."""
+    def _schedule_stats(self) -> None:
+        """(Re)arm the timer that wakes the stats task: when the next worker's stats are due
+        (``_stats_due_s``); while the task rests, when an idle worker's poll is due
+        (``_rest_s``), or now if the cluster no longer rests (a request arrived, a worker
+        joined, a push shows work). Called by the task itself and for every request, join
+        and push."""
         if self._stats_timer is not None:
             self._stats_timer.cancel()
         now = time.monotonic()
-        if delay_s is None and self._stats_resting:
+        if self._stats_resting:
             rest_s = self._rest_s(now)
             delay_s = 0.0 if rest_s is None else rest_s
-        elif delay_s is None:
+        else:
             delay_s = self._stats_due_s(now)
         self._stats_timer = asyncio.get_running_loop().call_later(delay_s, self._stats_wanted.set)
 
